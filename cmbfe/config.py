@@ -1,0 +1,343 @@
+"""One typed configuration for every stage, loaded from ``params/*.yaml`` and validated.
+
+A profile file is a mapping of sections (``synth``, ``preprocess``, ``model``, ``fe``, ``augment``,
+``train``, ``eval``, ``study``, ``notebooks``). Every key is checked against the dataclasses below:
+an unknown key is an error that names it (``train.iteratons``), a wrong type likewise. Files are read
+with ``yaml.safe_load``; overrides use dotted keys (``--set train.iterations=200``) whose values are
+parsed as YAML scalars.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+PARAMS_DIR = REPO_ROOT / "params"
+PROFILES = ("smoke", "default", "paper")
+
+
+class ConfigError(ValueError):
+    """A profile file or override is malformed; the message names the file and the key."""
+
+
+@dataclass
+class SynthConfig:
+    """Synthetic SWI cohort. Lengths in mm; ``matrix`` is the in-plane pixel count (FOV kept)."""
+
+    patients: int = 58
+    seed: int = 0
+    matrix: int = 512
+    fov_mm: float = 240.0
+    slice_mm: float = 2.0
+    z_range_mm: tuple[float, float] = (-50.0, 76.0)  # MNI z covered by the slab (cerebellum to vertex)
+    field_t: float = 3.0
+    te_ms: float = 20.0
+    cmb_mean: float = 22.0  # mean CMBs per CMB-bearing patient (Table 1: 1301 CMBs / 58 patients)
+    p_no_cmb: float = 0.1  # fraction of patients without CMBs
+    cmb_radius_mm: tuple[float, float] = (0.5, 2.2)  # true (haemosiderin) radius, log-uniform
+    cmb_dchi_ppm: tuple[float, float] = (0.4, 1.6)
+    p_lobar: float = 0.73  # lobar (cortex/GM-WM junction + subcortical WM) vs deep/infratentorial
+    veins: int = 250
+    calcifications: tuple[int, int] = (1, 4)
+    air: bool = True
+    snr: tuple[float, float] = (20.0, 40.0)
+    bias_strength: tuple[float, float] = (0.3, 0.6)
+    warp_mm: float = 3.0  # amplitude of the random smooth deformation of the template
+    workers: int = 2
+
+
+@dataclass
+class PreprocessConfig:
+    """N4 bias correction, intensity normalisation and the patient-level split."""
+
+    n4_iterations: tuple[int, ...] = (20, 20, 10)
+    n4_shrink: int = 2
+    clip_percentiles: tuple[float, float] = (0.5, 99.5)
+    image_format: str = "png"  # png (lossless) or jpg (as the paper)
+    split_ratios: dict[str, float] = field(default_factory=lambda: {"train": 33, "val": 8, "test": 17})
+    split_seed: int = 0
+    test_negatives_ratio: float = 1.0  # mimic-only slices added to test per CMB slice (paper: 1.0)
+    val_negatives_ratio: float = 1.0
+    workers: int = 2
+
+
+@dataclass
+class ModelConfig:
+    """Detector: SSD at ``size`` px input on a named backbone."""
+
+    backbone: str = "vgg16"  # vgg16 | resnet34 | mobilenet_v3
+    size: int = 300
+    priors: str = "paper"  # paper (standard SSD scales) | cmb (sized to 2-10 mm CMBs)
+    input: str = "gray3"  # gray3 (slice replicated) | 2.5d (slices z-1, z, z+1)
+    width: float = 1.0  # channel-width multiplier (<1 for CPU profiles)
+    pretrained: bool = False  # ImageNet weights from the local torchvision cache only
+    score_thresh: float = 0.01
+    detections_per_img: int = 100
+    nms_thresh: float = 0.45
+
+
+@dataclass
+class FEConfig:
+    """Feature enhancement at conv4_3 (Li et al. 2021), training only."""
+
+    enabled: bool = False
+    beta: float = 1.5
+    alpha: float = 1.0
+    schedule: str = "constant"  # constant (paper) | cosine (decay 1 -> 0 over training)
+    placement: str = "post_l2norm"  # post_l2norm (head sees FE) | pre_l2norm (inline, paper-literal)
+    variant: str = "fe"  # fe (paper) | ae (assisted excitation)
+
+
+@dataclass
+class AugmentConfig:
+    """Online box-aware augmentation (paper section 2.2) applied to training batches."""
+
+    enabled: bool = True
+    hflip: float = 0.5
+    vflip: float = 0.5
+    intensity: tuple[float, float] = (1.2, 1.5)
+    p_intensity: float = 0.5
+    blur_sigma: tuple[float, float] = (0.0, 3.0)
+    p_blur: float = 0.5
+    translate_px: float = 15.0
+    rotate_deg: float = 30.0
+    scale: tuple[float, float] = (0.8, 0.95)
+    p_affine: float = 0.5
+
+
+@dataclass
+class TrainConfig:
+    """Adam with the paper's step schedule scaled to ``iterations``."""
+
+    iterations: int = 120000
+    batch_size: int = 4
+    lr: float = 1e-3
+    lr_steps: tuple[float, ...] = (2 / 3, 5 / 6)  # paper: 80k and 100k of 120k
+    lr_gamma: float = 0.1
+    weight_decay: float = 0.0
+    seed: int = 0
+    negatives_ratio: float = 0.25  # CMB-free slices per CMB slice in the training pool
+    workers: int = 0
+    amp: bool = True  # CUDA only
+    channels_last: bool = True  # CUDA only
+    checkpoint_every: int = 1000
+    log_every: int = 50
+    val_every: int = 0  # 0: only at the end
+    device: str = "auto"  # auto | cpu | cuda
+    tensorboard: bool = False
+
+
+@dataclass
+class EvalConfig:
+    """Matching rule and statistics (see ``cmbfe.metrics``)."""
+
+    match: str = "iou"  # iou | centre
+    iou: float = 0.5
+    radius_mm: float = 2.5
+    bootstrap: int = 1000
+    ci: float = 0.95
+    seed: int = 0
+
+
+@dataclass
+class StudyConfig:
+    """What the notebooks run: seeds, folds, backbones, ablations."""
+
+    seeds: tuple[int, ...] = (0, 1, 2)
+    sizes: tuple[int, ...] = (300, 512)
+    folds: int = 10
+    cv_iterations: int = 0  # 0: same as train.iterations
+    timing_backbones: tuple[str, ...] = ("vgg16:512", "mobilenet_v3:320", "resnet34:300")
+    timing_batch: int = 8
+    timing_repeats: int = 5
+    timing_iterations: int = 0  # 0: same as train.iterations (Table 3 precision columns)
+    ablations: tuple[str, ...] = ("placement", "schedule", "variant", "priors", "input")
+    ablation_iterations: int = 0  # 0: same as train.iterations
+    reduced: str = ""  # what this profile reduces relative to the paper (printed in captions)
+
+
+@dataclass
+class Config:
+    """The whole run configuration. ``notebooks`` maps a notebook name to flat papermill parameters."""
+
+    profile: str = "custom"
+    data_dir: str = "data/{profile}"
+    synth: SynthConfig = field(default_factory=SynthConfig)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    fe: FEConfig = field(default_factory=FEConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    study: StudyConfig = field(default_factory=StudyConfig)
+    notebooks: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain, JSON/YAML-serialisable dict (tuples become lists)."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    def hash(self) -> str:
+        """Short stable hash of the configuration (sha256 of sorted JSON, 12 hex digits)."""
+        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+    def data_path(self) -> Path:
+        """Absolute data directory (``data_dir`` with ``{profile}`` filled, relative to the repo root)."""
+        p = Path(self.data_dir.format(profile=self.profile))
+        return p if p.is_absolute() else REPO_ROOT / p
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check/convert ``value`` to annotation ``tp``; raise ConfigError naming ``where``."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
+        return _build(tp, value, where)
+    if origin in (types.UnionType, typing.Union):
+        errors = []
+        for a in args:
+            try:
+                return _coerce(value, a, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{where}: {value!r} matches none of {tp}")
+    if tp is Any:
+        return value
+    if tp is type(None):
+        if value is not None:
+            raise ConfigError(f"{where}: expected null")
+        return None
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(f"{where}: expected {len(args)} values, got {len(value)}")
+        return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return {str(k): _coerce(v, args[1], f"{where}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{where}: unsupported type {tp}")
+
+
+def _build(cls: type, data: dict[str, Any], where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in names:
+            raise ConfigError(f"unknown key '{path}' (allowed: {', '.join(sorted(names))})")
+        kwargs[key] = _coerce(value, hints[key], path)
+    return cls(**kwargs)
+
+
+_CHOICES = {
+    "model.backbone": ("vgg16", "resnet34", "mobilenet_v3"),
+    "model.priors": ("paper", "cmb"),
+    "model.input": ("gray3", "2.5d"),
+    "fe.schedule": ("constant", "cosine"),
+    "fe.placement": ("post_l2norm", "pre_l2norm"),
+    "fe.variant": ("fe", "ae"),
+    "eval.match": ("iou", "centre"),
+    "preprocess.image_format": ("png", "jpg"),
+    "train.device": ("auto", "cpu", "cuda"),
+}
+
+
+def validate(cfg: Config) -> Config:
+    """Check value domains that types cannot express; return ``cfg``."""
+    for dotted, allowed in _CHOICES.items():
+        sec, key = dotted.split(".")
+        value = getattr(getattr(cfg, sec), key)
+        if value not in allowed:
+            raise ConfigError(f"{dotted}: {value!r} is not one of {allowed}")
+    if set(cfg.preprocess.split_ratios) != {"train", "val", "test"}:
+        raise ConfigError("preprocess.split_ratios: needs exactly train, val, test")
+    if cfg.train.iterations < 1 or cfg.train.batch_size < 1:
+        raise ConfigError("train.iterations and train.batch_size must be >= 1")
+    if cfg.synth.patients < 1:
+        raise ConfigError("synth.patients must be >= 1")
+    return cfg
+
+
+def from_dict(data: dict[str, Any], source: str = "<dict>") -> Config:
+    """Build and validate a Config from a nested dict; errors are prefixed with ``source``."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: top level must be a mapping")
+    try:
+        return validate(_build(Config, data, ""))
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+
+def set_override(data: dict[str, Any], assignment: str) -> None:
+    """Apply ``a.b.c=value`` (value parsed with yaml.safe_load) to nested dict ``data`` in place."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set {assignment!r}: expected key=value")
+    key, raw = assignment.split("=", 1)
+    parts = key.strip().split(".")
+    node = data
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {assignment!r}: '{p}' is not a section")
+    node[parts[-1]] = yaml.safe_load(raw)
+
+
+def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load a profile by file path or by name (``smoke``/``default``/``paper``), then apply overrides."""
+    if path is None:
+        data: dict[str, Any] = {}
+        source = "<defaults>"
+    else:
+        p = Path(path)
+        if not p.suffix and str(path) in PROFILES:
+            p = PARAMS_DIR / f"{path}.yaml"
+        if not p.is_file():
+            raise ConfigError(f"{p}: params file not found")
+        source = str(p)
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML ({e})") from None
+        data.setdefault("profile", p.stem)
+    for ov in overrides:
+        set_override(data, ov)
+    return from_dict(data, source)
+
+
+def dump(cfg: Config, path: str | Path) -> None:
+    """Write ``cfg`` as YAML atomically."""
+    from cmbfe.utils import atomic_write_text
+
+    atomic_write_text(Path(path), yaml.safe_dump(cfg.to_dict(), sort_keys=False))
