@@ -43,6 +43,8 @@ class SynthConfig:
     te_ms: float = 20.0
     cmb_mean: float = 22.0  # mean CMBs per CMB-bearing patient (Table 1: 1301 CMBs / 58 patients)
     p_no_cmb: float = 0.1  # fraction of patients without CMBs
+    cmb_dispersion: float = 0.5  # negative-binomial shape of the per-patient count (small = skewed)
+    cmb_max: int = 150  # cap on CMBs per patient
     cmb_radius_mm: tuple[float, float] = (0.5, 2.2)  # true (haemosiderin) radius, log-uniform
     cmb_dchi_ppm: tuple[float, float] = (0.4, 1.6)
     p_lobar: float = 0.73  # lobar (cortex/GM-WM junction + subcortical WM) vs deep/infratentorial
@@ -127,6 +129,7 @@ class TrainConfig:
     seed: int = 0
     negatives_ratio: float = 0.25  # CMB-free slices per CMB slice in the training pool
     workers: int = 0
+    cache: int = -1  # decoded PNG slices kept in RAM per loader process (-1: all, 0: none)
     amp: bool = True  # CUDA only
     channels_last: bool = True  # CUDA only
     checkpoint_every: int = 1000
@@ -162,6 +165,7 @@ class StudyConfig:
     timing_iterations: int = 0  # 0: same as train.iterations (Table 3 precision columns)
     ablations: tuple[str, ...] = ("placement", "schedule", "variant", "priors", "input")
     ablation_iterations: int = 0  # 0: same as train.iterations
+    ablation_seeds: int = 1  # how many of ``seeds`` each ablation setting is trained with
     reduced: str = ""  # what this profile reduces relative to the paper (printed in captions)
 
 
@@ -179,7 +183,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     study: StudyConfig = field(default_factory=StudyConfig)
-    notebooks: dict[str, dict[str, Any]] = field(default_factory=dict)
+    notebooks: dict[str, Any] = field(default_factory=dict)  # name -> {param: value} or a list of them
 
     def to_dict(self) -> dict[str, Any]:
         """Plain, JSON/YAML-serialisable dict (tuples become lists)."""
@@ -285,6 +289,10 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("preprocess.split_ratios: needs exactly train, val, test")
     if cfg.train.iterations < 1 or cfg.train.batch_size < 1:
         raise ConfigError("train.iterations and train.batch_size must be >= 1")
+    for name, value in cfg.notebooks.items():
+        runs = value if isinstance(value, list) else [value]
+        if not runs or not all(isinstance(r, dict) for r in runs):
+            raise ConfigError(f"notebooks.{name}: expected a mapping of parameters or a list of them")
     if cfg.synth.patients < 1:
         raise ConfigError("synth.patients must be >= 1")
     return cfg
@@ -311,7 +319,13 @@ def set_override(data: dict[str, Any], assignment: str) -> None:
         node = node.setdefault(p, {})
         if not isinstance(node, dict):
             raise ConfigError(f"--set {assignment!r}: '{p}' is not a section")
-    node[parts[-1]] = yaml.safe_load(raw)
+    value = yaml.safe_load(raw)
+    if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string; accept it as a number
+        try:
+            value = float(value) if any(c in value.lower() for c in ".e") else int(value)
+        except ValueError:
+            pass
+    node[parts[-1]] = value
 
 
 def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:

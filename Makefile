@@ -1,0 +1,36 @@
+# cmbfe: the two commands of the README.
+#   make reproduce [PROFILE=default|smoke|paper] [ONLY=05_evaluate] [FORCE=1]
+#   make test
+PYTHON ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PROFILE ?= default
+# The torch pair that installs on this project's machines (CUDA build on x86_64; runs on CPU too).
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+STAMP := $(VENV)/.cmbfe-installed
+
+.PHONY: install reproduce test test-fast lint clean-smoke
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -m pip install -q -e ".[dev]"
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+reproduce: $(STAMP)
+	$(VENV)/bin/cmbfe reproduce --profile $(PROFILE) $(if $(ONLY),--only $(ONLY)) $(if $(FORCE),--force)
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --nbval-lax -p no:cacheprovider notebooks/
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -x tests
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check cmbfe tests benchmarks
+
+clean-smoke:
+	rm -rf data/smoke runs/smoke results/smoke figures/smoke

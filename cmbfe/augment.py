@@ -1,0 +1,154 @@
+"""Online box-aware augmentation of training slices (Li et al. 2021, section 2.2).
+
+The policy, applied in this order, each step independently with its probability from
+:class:`cmbfe.config.AugmentConfig`:
+
+1. vertical flip (``vflip``), horizontal flip (``hflip``);
+2. intensity: image x U[``intensity``] (paper: [1.2, 1.5]), clamped to [0, 1] (``p_intensity``);
+3. Gaussian blur, sigma ~ U[``blur_sigma``] (paper: [0, 3]) px, kernel size ``2*ceil(3*sigma)+1``;
+   sigma < 0.1 px is the identity (``p_blur``);
+4. affine (``p_affine``): rotation U[-``rotate_deg``, +``rotate_deg``] degrees, translation up to
+   ``translate_px`` pixels along each axis (passed to torchvision as that fraction of the image size),
+   isotropic scale U[``scale``] (paper: [0.8, 0.95]), bilinear interpolation, zero fill.
+
+Boxes are ``xyxy`` in continuous pixel coordinates (``tv_tensors.BoundingBoxes``, format XYXY). They follow
+the geometry; a rotated box becomes the axis-aligned box of its rotated corners. Afterwards boxes are
+clipped to the image (``ClampBoundingBoxes``) and boxes narrower/shorter than 1 px or with area < 1 px^2 are
+dropped together with their labels (``SanitizeBoundingBoxes``). Images with no boxes pass through.
+
+Randomness: every step draws from torch's global CPU generator. Pass ``seed=`` to :meth:`Augment.__call__`
+to make one call reproducible independently of any other state (the generator is forked, seeded, and
+restored afterwards). :class:`cmbfe.data.SliceDataset` does this with a seed derived from
+``(train.seed, position of the draw in the sampler stream)``, so the augmented training stream is the same
+whatever the number of DataLoader workers, and it is reproduced exactly on ``--resume``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+from torchvision import tv_tensors
+from torchvision.transforms import InterpolationMode, v2
+from torchvision.transforms.v2 import functional as F
+
+from cmbfe.config import AugmentConfig
+
+Sample = dict[str, Tensor]
+
+
+def blur_kernel_size(sigma: float) -> int:
+    """Odd Gaussian kernel size covering +-3 sigma (sigma in pixels)."""
+    return 2 * math.ceil(3.0 * sigma) + 1
+
+
+def _uniform(lo: float, hi: float) -> float:
+    return float(lo + (hi - lo) * torch.rand(()).item())
+
+
+class Augment:
+    """Callable ``(image [C,H,W] float in [0,1], boxes [N,4] xyxy px) -> (image, boxes)``.
+
+    ``apply(image, boxes, labels)`` also returns the labels of the boxes that were kept.
+    """
+
+    def __init__(self, cfg: AugmentConfig) -> None:
+        self.cfg = cfg
+        self._vflip = v2.RandomVerticalFlip(p=cfg.vflip)
+        self._hflip = v2.RandomHorizontalFlip(p=cfg.hflip)
+        self._clamp = v2.ClampBoundingBoxes()
+        self._sanitize = v2.SanitizeBoundingBoxes(min_size=1.0, min_area=1.0, labels_getter="default")
+        self._affines: dict[tuple[int, int], v2.RandomAffine] = {}
+
+    # -- steps ------------------------------------------------------------------------------------------
+    def _affine(self, h: int, w: int) -> v2.RandomAffine:
+        """RandomAffine whose translation bound is ``translate_px`` pixels for an ``h x w`` image."""
+        if (h, w) not in self._affines:
+            c = self.cfg
+            self._affines[(h, w)] = v2.RandomAffine(
+                degrees=c.rotate_deg,
+                translate=(min(c.translate_px / w, 1.0), min(c.translate_px / h, 1.0)),
+                scale=c.scale,
+                interpolation=InterpolationMode.BILINEAR,
+                fill=0.0,
+            )
+        return self._affines[(h, w)]
+
+    def _intensity(self, image: Tensor) -> Tensor:
+        factor = _uniform(*self.cfg.intensity)
+        return tv_tensors.wrap((image * factor).clamp_(0.0, 1.0), like=image)
+
+    def _blur(self, image: Tensor) -> Tensor:
+        sigma = _uniform(*self.cfg.blur_sigma)
+        if sigma < 0.1:
+            return image
+        h, w = image.shape[-2:]
+        k = blur_kernel_size(sigma)
+        # reflect padding needs kernel//2 < image side; cap the kernel for tiny images
+        k = min(k, 2 * ((min(h, w) - 1) // 2) + 1)
+        if k < 3:
+            return image
+        return F.gaussian_blur(image, kernel_size=[k, k], sigma=[sigma, sigma])
+
+    def _hit(self, p: float) -> bool:
+        return p > 0 and bool(torch.rand(()).item() < p)
+
+    # -- public -----------------------------------------------------------------------------------------
+    def apply(self, image: Tensor, boxes: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Augment one slice; returns ``(image, boxes, labels)`` with degenerate boxes removed.
+
+        ``image``: [C,H,W] float in [0,1]; ``boxes``: [N,4] float xyxy pixels (N may be 0); ``labels``: [N].
+        """
+        if boxes.ndim != 2 or boxes.shape[-1] != 4:
+            raise ValueError(f"boxes must have shape [N, 4], got {tuple(boxes.shape)}")
+        if labels.shape[0] != boxes.shape[0]:
+            raise ValueError(f"{labels.shape[0]} labels for {boxes.shape[0]} boxes")
+        if not self.cfg.enabled:
+            return image, boxes, labels
+        h, w = image.shape[-2:]
+        s: Sample = {
+            "image": tv_tensors.Image(image),
+            "boxes": tv_tensors.BoundingBoxes(boxes.float(), format="XYXY", canvas_size=(h, w)),
+            "labels": labels,
+        }
+        s = self._vflip(s)
+        s = self._hflip(s)
+        if self._hit(self.cfg.p_intensity):
+            s["image"] = self._intensity(s["image"])
+        if self._hit(self.cfg.p_blur):
+            s["image"] = self._blur(s["image"])
+        if self._hit(self.cfg.p_affine):
+            s = self._affine(h, w)(s)
+        s = self._sanitize(self._clamp(s))
+        return (
+            s["image"].as_subclass(Tensor),
+            s["boxes"].as_subclass(Tensor).reshape(-1, 4),
+            s["labels"],
+        )
+
+    def __call__(self, image: Tensor, boxes: Tensor, *, seed: int | None = None) -> tuple[Tensor, Tensor]:
+        """Augment ``image`` [C,H,W] and ``boxes`` [N,4] xyxy px; ``seed`` makes the call reproducible."""
+        labels = torch.ones(boxes.shape[0], dtype=torch.int64)
+        image, boxes, _ = self.seeded_apply(image, boxes, labels, seed=seed)
+        return image, boxes
+
+    def seeded_apply(
+        self, image: Tensor, boxes: Tensor, labels: Tensor, *, seed: int | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """:meth:`apply` under ``torch.manual_seed(seed)`` in a forked CPU RNG (``None``: global RNG)."""
+        if seed is None:
+            return self.apply(image, boxes, labels)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(seed))
+            return self.apply(image, boxes, labels)
+
+
+def build_augment(cfg: AugmentConfig) -> Callable[..., tuple[Tensor, Tensor]]:
+    """The paper's augmentation policy as a callable ``(image, boxes, *, seed=None) -> (image, boxes)``.
+
+    ``image`` is a [C,H,W] float tensor in [0,1]; ``boxes`` a [N,4] float tensor, xyxy pixels. The returned
+    object is an :class:`Augment`; its ``apply``/``seeded_apply`` methods also carry labels.
+    """
+    return Augment(cfg)

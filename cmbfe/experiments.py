@@ -1,0 +1,219 @@
+"""Training-heavy experiments of the study: cross-validation (06), backbones and timing (07), ablations (08).
+
+Every run goes through :func:`cmbfe.study.ensure_run` (cached by configuration hash) and is evaluated with
+:func:`cmbfe.report.evaluate_run`; tables put this run beside the paper, labelled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from cmbfe import paper, stats, study
+from cmbfe.config import Config
+from cmbfe.report import PAPER, RUN, evaluate_run
+from cmbfe.utils import atomic_write_json
+
+
+def _fold_dirs(cfg: Config, pre: Path) -> list[Path]:
+    """Write k patient-level folds as PRE-like folders (images symlinked, COCO train/val/test)."""
+    pre = Path(pre)
+    ims: dict[str, dict] = {}
+    anns: dict[str, list] = {}
+    for split in ("train", "val", "test"):
+        coco = json.loads((pre / "annotations" / f"{split}.json").read_text())
+        by_id = {im["id"]: im for im in coco["images"]}
+        for im in coco["images"]:
+            ims.setdefault(im["file_name"], im)
+        for a in coco["annotations"]:
+            anns.setdefault(by_id[a["image_id"]]["file_name"], []).append(a)
+        cats = coco["categories"]
+    patients = sorted({im["patient_id"] for im in ims.values()})
+    rng = np.random.default_rng(cfg.eval.seed)
+    order = [patients[i] for i in rng.permutation(len(patients))]
+    k = min(cfg.study.folds, len(patients))
+    fold_of = {p: i % k for i, p in enumerate(order)}
+    root = cfg.data_path() / f"cv{k}"
+    dirs = []
+    for f in range(k):
+        d = root / f"fold{f:02d}"
+        (d / "annotations").mkdir(parents=True, exist_ok=True)
+        if not (d / "images").exists():
+            os.symlink(os.path.relpath(pre / "images", d), d / "images")
+        test_pat = {p for p, i in fold_of.items() if i == f}
+        val_pat = {p for p, i in fold_of.items() if i == (f + 1) % k} if k > 2 else set()
+        for split, pats in (("test", test_pat), ("val", val_pat),
+                            ("train", set(patients) - test_pat - val_pat)):
+            sel = [im for fn, im in sorted(ims.items()) if im["patient_id"] in pats]
+            if split != "train":  # CMB slices plus as many CMB-free (mimic) slices
+                pos = [im for im in sel if im.get("has_cmb")]
+                neg = [im for im in sel if not im.get("has_cmb")]
+                pick = rng.permutation(len(neg))[:len(pos)] if neg else []
+                sel = pos + [neg[i] for i in sorted(pick)]
+            images, annotations = [], []
+            for new_id, im in enumerate(sel, start=1):
+                images.append({**im, "id": new_id})
+                for a in anns.get(im["file_name"], []):
+                    annotations.append({**a, "id": len(annotations) + 1, "image_id": new_id})
+            atomic_write_json(d / "annotations" / f"{split}.json",
+                              {"images": images, "annotations": annotations, "categories": cats}, indent=None)
+        dirs.append(d)
+    return dirs
+
+
+def cross_validate(cfg: Config, pre: Path) -> pd.DataFrame:
+    """k-fold patient-level CV (``study.folds``), SSD vs SSD-FE, first seed, ``study.cv_iterations``."""
+    its = cfg.study.cv_iterations or cfg.train.iterations
+    rows = []
+    for f, d in enumerate(_fold_dirs(cfg, pre)):
+        row: dict[str, Any] = {"fold": f}
+        for fe in (False, True):
+            c = study.with_overrides(cfg, fe__enabled=fe, train__iterations=its, train__val_every=0)
+            run = study.ensure_run(c, data=d)
+            r = evaluate_run(c, run, d, ann=d / "annotations" / "test.json", bootstrap=0)
+            row[f"AP {'SSD-FE' if fe else 'SSD'}"] = r["metrics"]["ap_voc"]
+            row["test patients"] = r["metrics"]["n_patients"]
+            row["test CMBs"] = r["metrics"]["n_gt"]
+        row["AP difference (FE - SSD)"] = row["AP SSD-FE"] - row["AP SSD"]
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def cv_summary(cfg: Config, folds: pd.DataFrame) -> pd.DataFrame:
+    """Mean AP over folds with its spread (SD, min-max) beside the paper's 10-fold means."""
+    rows = []
+    for fe in (False, True):
+        col = f"AP {'SSD-FE' if fe else 'SSD'}"
+        v = folds[col].to_numpy()
+        rows.append({"model": "SSD-FE" if fe else "SSD", "folds": len(v), f"mean AP {RUN}": v.mean(),
+                     f"SD over folds {RUN}": v.std(ddof=1) if len(v) > 1 else np.nan,
+                     f"min-max {RUN}": f"{v.min():.3f}-{v.max():.3f}",
+                     f"mean AP, 10 folds {PAPER}": paper.CV_MEAN_AP[fe]})
+    d = folds["AP difference (FE - SSD)"].to_numpy()
+    cs = stats.combine_seeds(d)
+    rows.append({"model": "FE - SSD (paired by fold)", "folds": len(d), f"mean AP {RUN}": cs["mean"],
+                 f"SD over folds {RUN}": d.std(ddof=1) if len(d) > 1 else np.nan,
+                 f"min-max {RUN}": f"{d.min():.3f}-{d.max():.3f}",
+                 f"mean AP, 10 folds {PAPER}": paper.CV_MEAN_AP[True] - paper.CV_MEAN_AP[False]})
+    return pd.DataFrame(rows)
+
+
+def _paper_table3_key(backbone: str) -> str:
+    base = {"mobilenet_v3": "mobilenet"}.get(backbone, backbone)
+    return next((k for k in paper.TABLE3 if k.split(":")[0] == base), "")
+
+
+def table3(cfg: Config, pre: Path) -> pd.DataFrame:
+    """Table 3: per ``study.timing_backbones`` entry (``backbone:size``), precision at 90 % recall
+    without/with FE (trained ``study.timing_iterations``) and training seconds per batch of
+    ``study.timing_batch`` (median over ``study.timing_repeats`` interleaved steps, same weights)."""
+    import torch
+
+    from cmbfe.data import SliceDataset
+    from cmbfe.models import build_model
+    from cmbfe.predict import resolve_device
+    from cmbfe.reproduce import device_description
+    from cmbfe.train import build_optimizer, step_time
+
+    its = cfg.study.timing_iterations or cfg.train.iterations
+    device = resolve_device(cfg.train.device)
+    dev = device_description()
+    dev_name = dev.get("gpu") if device.type == "cuda" else f"CPU {dev['cpu']} ({dev['torch_threads']} threads)"
+    rows = []
+    for spec in cfg.study.timing_backbones:
+        backbone, size = spec.split(":")
+        base = study.with_overrides(cfg, model__backbone=backbone, model__size=int(size),
+                                    train__iterations=its, train__val_every=0)
+        row: dict[str, Any] = {"backbone": backbone, "input": f"{size}x{size}"}
+        for fe in (False, True):
+            c = study.with_overrides(base, fe__enabled=fe)
+            r = evaluate_run(c, study.ensure_run(c), pre, bootstrap=0)
+            row[f"precision@90% {'SSD-FE' if fe else 'SSD'} {RUN}"] = r["metrics"]["precision_at_sensitivity_0.9"]
+            row[f"AP {'SSD-FE' if fe else 'SSD'} {RUN}"] = r["metrics"]["ap_voc"]
+        ds = SliceDataset(pre, "train", input=base.model.input, negatives_ratio=0)
+        batch = [ds[i % len(ds)] for i in range(cfg.study.timing_batch)]
+        images = [b[0].to(device) for b in batch]
+        targets = [{"boxes": b[1]["boxes"].to(device), "labels": b[1]["labels"].to(device)} for b in batch]
+        torch.manual_seed(0)
+        models, opts = {}, {}
+        for fe in (False, True):
+            c = study.with_overrides(base, fe__enabled=fe)
+            models[fe] = build_model(c.model, c.fe).to(device)
+            if fe:
+                models[True].load_state_dict(models[False].state_dict())
+            opts[fe] = build_optimizer(models[fe], c.train)[0]
+        times: dict[bool, list[float]] = {False: [], True: []}
+        amp = device.type == "cuda" and cfg.train.amp
+        for rep in range(cfg.study.timing_repeats):
+            for fe in (False, True):
+                t = step_time(models[fe], images, targets, opts[fe], repeats=1, warmup=1 if rep == 0 else 0, amp=amp)
+                times[fe].append(t["median_s"])
+        t0, t1 = float(np.median(times[False])), float(np.median(times[True]))
+        row[f"s/batch of {cfg.study.timing_batch} SSD {RUN}"] = round(t0, 4)
+        row[f"s/batch SSD-FE {RUN}"] = round(t1, 4)
+        row[f"FE time ratio {RUN}"] = round(t1 / t0, 3)
+        row["device (this run)"] = dev_name
+        key = _paper_table3_key(backbone)
+        if key:
+            p = paper.TABLE3[key]
+            row[f"paper model {PAPER}"] = key
+            row[f"precision@90% SSD / SSD-FE {PAPER}"] = f"{p['precision'][0]:.3f} / {p['precision'][1]:.3f}"
+            row[f"s/batch of 8 SSD / SSD-FE {PAPER}"] = f"{p['s_per_batch'][0]:.3f} / {p['s_per_batch'][1]:.3f}"
+            row[f"FE time ratio {PAPER}"] = round(p["s_per_batch"][1] / p["s_per_batch"][0], 3)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+# name -> (reference label, reference overrides), (alternative label, alternative overrides)
+ABLATIONS: dict[str, list[tuple[str, dict[str, Any]]]] = {
+    "placement": [("FE after conv4_3 L2Norm (default)", {"fe__enabled": True, "fe__placement": "post_l2norm"}),
+                  ("FE before L2Norm (inline, paper-literal)", {"fe__enabled": True, "fe__placement": "pre_l2norm"})],
+    "schedule": [("FE, constant alpha (paper)", {"fe__enabled": True, "fe__schedule": "constant"}),
+                 ("FE, cosine-decayed alpha", {"fe__enabled": True, "fe__schedule": "cosine"})],
+    "variant": [("FE (multiplicative, paper)", {"fe__enabled": True, "fe__variant": "fe"}),
+                ("Assisted Excitation (additive)", {"fe__enabled": True, "fe__variant": "ae"})],
+    "priors": [("CMB-sized priors", {"fe__enabled": False, "model__priors": "cmb"}),
+               ("standard SSD priors", {"fe__enabled": False, "model__priors": "paper"})],
+    "input": [("gray3 (slice replicated, paper)", {"fe__enabled": False, "model__input": "gray3"}),
+              ("2.5D (slices z-1, z, z+1)", {"fe__enabled": False, "model__input": "2.5d"})],
+}
+
+
+def ablations(cfg: Config, pre: Path) -> pd.DataFrame:
+    """For each ``study.ablations`` entry: reference vs alternative, over ``study.ablation_seeds`` seeds,
+    AP and precision at 90 % sensitivity (mean over seeds; patient-bootstrap CI of the first seed) and the
+    paired-bootstrap difference alternative - reference (first seed) with its p-value."""
+    its = cfg.study.ablation_iterations or cfg.train.iterations
+    seeds = cfg.study.seeds[: max(1, cfg.study.ablation_seeds)]
+    rows = []
+    for name in cfg.study.ablations:
+        if name not in ABLATIONS:
+            raise ValueError(f"study.ablations: unknown ablation {name!r} (known: {sorted(ABLATIONS)})")
+        results = []
+        for label, over in ABLATIONS[name]:
+            res = []
+            for s in seeds:
+                c = study.with_overrides(cfg, train__iterations=its, train__seed=s, train__val_every=0, **over)
+                res.append(evaluate_run(c, study.ensure_run(c), pre))
+            results.append((label, res))
+        ref = results[0][1][0]
+        for i, (label, res) in enumerate(results):
+            aps = [r["metrics"]["ap_voc"] for r in res]
+            precs = [r["metrics"]["precision_at_sensitivity_0.9"] for r in res]
+            row = {"ablation": name, "setting": label, "seeds": len(res),
+                   "AP (mean over seeds)": float(np.mean(aps)),
+                   "AP seed-0 bootstrap 95% CI": f"[{res[0]['metrics']['bootstrap']['ap_voc']['lo']:.3f}, "
+                                                 f"{res[0]['metrics']['bootstrap']['ap_voc']['hi']:.3f}]",
+                   "precision@90% sens (mean)": float(np.mean(precs))}
+            if i > 0:
+                pb = stats.paired_bootstrap(res[0]["boot"], ref["boot"], n=cfg.eval.bootstrap, seed=cfg.eval.seed)
+                d = pb["ap_voc"]
+                row["AP diff vs reference [95% CI]"] = f"{d['diff']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}]"
+                row["p (paired bootstrap)"] = d["p"]
+            rows.append(row)
+    return pd.DataFrame(rows)

@@ -1,0 +1,142 @@
+"""``cmbfe predict``: run a trained detector over every slice of a split and write COCO detections.
+
+Usage::
+
+    cmbfe predict --run RUN --split test [--data PRE] --out DETS.json [--batch-size 8] [--device auto]
+
+Output: a COCO results list ``[{image_id, category_id: 1, bbox: [x, y, w, h], score}, ...]`` with boxes in
+the pixel frame of the PNG (not the resized network input), clipped to the image. ``RUN`` is a training
+run folder (``config.yaml`` + ``model.pt``, see :mod:`cmbfe.train`); ``PRE`` defaults to the run config's
+``data_path()/pre``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from cmbfe import config as C
+from cmbfe.data import SliceDataset, collate_fn
+from cmbfe.io import InputError
+from cmbfe.utils import atomic_write_json
+
+
+def apply_thread_env() -> None:
+    """Set torch's intra-op threads from ``CMBFE_THREADS`` when given (1 is fastest for tiny CPU models)."""
+    if os.environ.get("CMBFE_THREADS"):
+        torch.set_num_threads(int(os.environ["CMBFE_THREADS"]))
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise C.ConfigError(f"device '{name}' requested but CUDA is not available")
+    return torch.device(name)
+
+
+def detections_to_coco(output: dict[str, torch.Tensor], image_id: int, width: int, height: int) -> list[dict]:
+    """One image's model output (``boxes`` xyxy px, ``scores``) -> COCO results (xywh px, clipped)."""
+    boxes = output["boxes"].detach().float().cpu().reshape(-1, 4)
+    scores = output["scores"].detach().float().cpu().reshape(-1)
+    boxes[:, 0::2] = boxes[:, 0::2].clamp(0.0, float(width))
+    boxes[:, 1::2] = boxes[:, 1::2].clamp(0.0, float(height))
+    out = []
+    for (x0, y0, x1, y1), s in zip(boxes.tolist(), scores.tolist()):
+        if x1 - x0 <= 0 or y1 - y0 <= 0:
+            continue
+        out.append(
+            {
+                "image_id": int(image_id),
+                "category_id": 1,
+                "bbox": [round(x0, 3), round(y0, 3), round(x1 - x0, 3), round(y1 - y0, 3)],
+                "score": round(float(s), 6),
+            }
+        )
+    return out
+
+
+@torch.inference_mode()
+def predict(
+    model: nn.Module,
+    pre_dir: Path | str,
+    split: str,
+    *,
+    input: str = "gray3",
+    batch_size: int = 8,
+    device: torch.device | str = "cpu",
+    workers: int = 0,
+    dataset: SliceDataset | None = None,
+) -> list[dict[str, Any]]:
+    """COCO results for every image of ``PRE/annotations/{split}.json`` (see module docstring).
+
+    ``model`` is put in ``eval()`` mode (FE is then inactive) and restored to its previous mode afterwards.
+    ``dataset`` reuses an already built :class:`SliceDataset` (e.g. with its image cache) instead of reading
+    ``split`` again.
+    """
+    device = torch.device(device)
+    ds = dataset if dataset is not None else SliceDataset(pre_dir, split, input=input, negatives_ratio=None)
+    loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate_fn)
+    size = {int(im["id"]): (int(im["width"]), int(im["height"])) for im in ds.images}
+    was_training = model.training
+    model.eval()
+    results: list[dict[str, Any]] = []
+    try:
+        for images, targets in loader:
+            outputs = model([im.to(device) for im in images])
+            for out, t, im in zip(outputs, targets, images):
+                w, h = size.get(t["image_id"], (im.shape[-1], im.shape[-2]))
+                results.extend(detections_to_coco(out, t["image_id"], w, h))
+    finally:
+        model.train(was_training)
+    return results
+
+
+def load_model(run_dir: Path | str, device: torch.device | str = "cpu") -> nn.Module:
+    """Rebuild the detector from ``RUN/config.yaml``, load ``RUN/model.pt`` (``weights_only=True``), eval()."""
+    from cmbfe.models import build_model
+
+    run = Path(run_dir)
+    cfg_path, weights = run / "config.yaml", run / "model.pt"
+    for p in (cfg_path, weights):
+        if not p.is_file():
+            raise InputError(f"{p}: not found (is '{run}' a finished training run?)")
+    cfg = C.load(cfg_path)
+    model = build_model(cfg.model, cfg.fe)
+    state = torch.load(weights, map_location="cpu", weights_only=True)
+    model.load_state_dict(state)
+    model.run_config = cfg  # type: ignore[attr-defined]  # for callers that need input/size
+    return model.to(device).eval()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``cmbfe predict --run RUN --split SPLIT [--data PRE] --out DETS.json``."""
+    ap = argparse.ArgumentParser(prog="cmbfe predict", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--run", required=True, type=Path, help="training run folder (config.yaml, model.pt)")
+    ap.add_argument("--split", default="test", help="train | val | test (PRE/annotations/SPLIT.json)")
+    ap.add_argument("--data", type=Path, default=None, help="PRE folder (default: the run config's data/pre)")
+    ap.add_argument("--out", required=True, type=Path, help="COCO results JSON to write")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    args = ap.parse_args(argv)
+    apply_thread_env()
+    device = resolve_device(args.device)
+    model = load_model(args.run, device)
+    cfg: C.Config = model.run_config  # type: ignore[attr-defined]
+    pre = args.data if args.data is not None else cfg.data_path() / "pre"
+    t0 = time.perf_counter()
+    dets = predict(model, pre, args.split, input=cfg.model.input, batch_size=args.batch_size, device=device)
+    atomic_write_json(args.out, dets, indent=None)
+    print(
+        f"cmbfe predict: {len(dets)} detections on '{args.split}' in {time.perf_counter() - t0:.1f} s "
+        f"-> {args.out}"
+    )
+    return 0

@@ -1,0 +1,261 @@
+"""The study's tables and figures (notebooks 04-08): evaluate runs, set this run beside the paper.
+
+Conventions: metrics come from :mod:`cmbfe.evaluate` (VOC rule IoU >= 0.5 greedy by score unless the
+profile's ``eval.match`` says otherwise; AP all-point); "mean [lo, hi]" over seeds is a t-interval
+(:func:`cmbfe.stats.combine_seeds`), over patients a percentile bootstrap. Columns holding the
+paper's numbers are labelled ``(paper, private data)``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from cmbfe import evaluate as E
+from cmbfe import paper, stats, study
+from cmbfe.config import Config
+
+PAPER = f"({paper.LABEL})"
+RUN = "(this run)"
+
+
+def evaluate_run(cfg: Config, run_dir: Path, pre: Path, *, ann: Path | None = None,
+                 bootstrap: int | None = None) -> dict[str, Any]:
+    """Evaluate ``run_dir``'s model on the test split (or COCO file ``ann``) of ``pre``.
+
+    Returns ``metrics`` (the ``cmbfe evaluate`` dict, bootstrap CIs included), ``curve``, ``boot``
+    (:class:`cmbfe.stats.BootData`), ``gt``, ``dets`` and ``coco`` (the GT JSON).
+    """
+    gt_path = Path(ann) if ann is not None else Path(pre) / "annotations" / "test.json"
+    coco = json.loads(gt_path.read_text())
+    gt = E.gt_from_coco(coco, str(gt_path))
+    dets = E.dets_from_coco(study.ensure_predictions(run_dir, pre, ann=ann), gt, f"{run_dir}/dets")
+    objects = E.load_slice_objects(Path(pre) / "slice_objects.csv", gt)
+    n_boot = cfg.eval.bootstrap if bootstrap is None else bootstrap
+    res = E.evaluate(gt, dets, match=cfg.eval.match, iou=cfg.eval.iou, radius_mm=cfg.eval.radius_mm,
+                     objects=objects, bootstrap=n_boot, seed=cfg.eval.seed, ci=cfg.eval.ci)
+    res["boot"] = stats.prepare(gt, dets, res["matching"])
+    res.update(gt=gt, dets=dets, coco=coco, run=Path(run_dir))
+    return res
+
+
+def evaluate_main(cfg: Config, pre: Path) -> dict[tuple[int, bool, int], dict[str, Any]]:
+    """Train (if needed) and evaluate every configuration of :func:`cmbfe.study.main_grid`."""
+    out = {}
+    for g in study.main_grid(cfg):
+        c = study.grid_config(cfg, **g)
+        out[(g["size"], g["fe"], g["seed"])] = evaluate_run(c, study.ensure_run(c), pre)
+    return out
+
+
+def _ci_text(d: dict[str, float], fmt: str = "{:.3f}") -> str:
+    if d.get("lo") is None or not np.isfinite(d.get("lo", np.nan)):
+        return fmt.format(d["mean"] if "mean" in d else d["estimate"])
+    mid = d["mean"] if "mean" in d else d["estimate"]
+    return f"{fmt.format(mid)} [{fmt.format(d['lo'])}, {fmt.format(d['hi'])}]"
+
+
+def _name(size: int, fe: bool) -> str:
+    return f"SSD-{size}{'-FE' if fe else ''}"
+
+
+def _paper_size(size: int) -> int | None:
+    return size if size in (300, 512) else None
+
+
+def table2(cfg: Config, ev: dict) -> pd.DataFrame:
+    """Table 2: AP per size and FE, mean over seeds [95 % t-CI], per-seed values, bootstrap CI of seed 0."""
+    rows = []
+    for size in cfg.study.sizes:
+        for fe in (False, True):
+            runs = [ev[(size, fe, s)] for s in cfg.study.seeds]
+            aps = [r["metrics"]["ap_voc"] for r in runs]
+            boot = runs[0]["metrics"]["bootstrap"]["ap_voc"]
+            ps = _paper_size(size)
+            rows.append({
+                "model": _name(size, fe), "backbone": cfg.model.backbone, "priors": cfg.model.priors,
+                f"AP, mean over {len(aps)} seeds [95% CI] {RUN}": _ci_text(stats.combine_seeds(aps)),
+                f"AP per seed {RUN}": ", ".join(f"{a:.3f}" for a in aps),
+                f"AP seed {cfg.study.seeds[0]} [patient bootstrap 95% CI] {RUN}": _ci_text(boot),
+                f"AP {PAPER}": paper.TABLE2_AP.get((ps, fe), np.nan) if ps else np.nan,
+            })
+    if not any(s in (300, 512) for s in cfg.study.sizes):
+        for (ps, fe), ap in sorted(paper.TABLE2_AP.items()):
+            rows.append({"model": f"{_name(ps, fe)} {PAPER}", f"AP {PAPER}": ap})
+    return pd.DataFrame(rows)
+
+
+def paired_fe(cfg: Config, ev: dict) -> pd.DataFrame:
+    """SSD-FE minus SSD: paired patient bootstrap per seed, and the mean difference over seeds."""
+    rows = []
+    for size in cfg.study.sizes:
+        per_seed: dict[str, list[float]] = {}
+        for s in cfg.study.seeds:
+            a, b = ev[(size, True, s)], ev[(size, False, s)]
+            pb = stats.paired_bootstrap(a["boot"], b["boot"], n=cfg.eval.bootstrap, seed=cfg.eval.seed,
+                                        ci=cfg.eval.ci)
+            for stat in ("ap_voc", "precision_at_sensitivity_0.9", "froc_mean"):
+                d = pb[stat]
+                per_seed.setdefault(stat, []).append(d["diff"])
+                rows.append({"size": size, "seed": s, "statistic": stat, "SSD-FE": d["a"], "SSD": d["b"],
+                             "difference": d["diff"], "95% CI": f"[{d['lo']:.3f}, {d['hi']:.3f}]",
+                             "p (paired bootstrap)": d["p"]})
+        for stat, diffs in per_seed.items():
+            cs = stats.combine_seeds(diffs)
+            rows.append({"size": size, "seed": "mean over seeds", "statistic": stat, "difference": cs["mean"],
+                         "95% CI": f"[{cs['lo']:.3f}, {cs['hi']:.3f}]" if np.isfinite(cs["lo"]) else ""})
+    return pd.DataFrame(rows)
+
+
+def _curve_runs(cfg: Config, ev: dict, size: int, seed: int) -> dict[str, dict[str, Any]]:
+    out = {}
+    for fe in (False, True):
+        r = ev[(size, fe, seed)]
+        bands = stats.bootstrap_bands(r["boot"], n=min(200, cfg.eval.bootstrap), seed=cfg.eval.seed)
+        out[_name(size, fe)] = {"curve": r["curve"], "bands": bands}
+    return out
+
+
+def curves_figures(cfg: Config, ev: dict) -> tuple[Any, Any]:
+    """Fig. 4 (sensitivity-precision) and Fig. 5 (FROC) for the largest size, first seed, with bands."""
+    from cmbfe import viz
+
+    size, seed = max(cfg.study.sizes), cfg.study.seeds[0]
+    runs = _curve_runs(cfg, ev, size, seed)
+    fig4 = viz.plot_pr(runs, title=f"Sensitivity-precision (test, seed {seed})")
+    fig5 = viz.plot_froc(runs, title=f"FROC (test, seed {seed})")
+    return fig4, fig5
+
+
+def table4(cfg: Config, ev: dict) -> pd.DataFrame:
+    """Table 4: at the lowest threshold reaching 90 % sensitivity, this run (mean over seeds) and the
+    paper's rows as published (comparators quoted, not rerun)."""
+    rows = []
+    for size in cfg.study.sizes:
+        for fe in (False, True):
+            ms = [ev[(size, fe, s)]["metrics"] for s in cfg.study.seeds]
+            prec = stats.combine_seeds([m["precision_at_sensitivity_0.9"] for m in ms])
+            fpc = [m["fp_per_cmb"] for m in ms if m["fp_per_cmb"] is not None]
+            rows.append({"method": f"{_name(size, fe)} {RUN}",
+                         "sensitivity": 0.9 if len(fpc) == len(ms) else
+                         f"max {max(m['sensitivity'] for m in ms):.3f} (< 0.9 in some seeds)",
+                         "precision": _ci_text(prec),
+                         "FP/CMB": _ci_text(stats.combine_seeds(fpc)) if fpc else "n/a"})
+    for r in paper.TABLE4:
+        rows.append({"method": f"{r['method']} {PAPER}", "sensitivity": r["sensitivity"],
+                     "precision": f"{r['precision']:.3f}", "FP/CMB": f"{r['fp_per_cmb']:.2f}"})
+    return pd.DataFrame(rows)
+
+
+def mimic_table(cfg: Config, ev: dict) -> pd.DataFrame:
+    """False positives at the 90 %-sensitivity operating point by mimic kind, summed over seeds."""
+    rows = []
+    for size in cfg.study.sizes:
+        for fe in (False, True):
+            total: dict[str, int] = {}
+            for s in cfg.study.seeds:
+                att = ev[(size, fe, s)]["metrics"].get("fp_attribution") or {}
+                counts = att.get("at_sensitivity_0.9") or att.get("all") or {}
+                for k, v in counts.items():
+                    total[k] = total.get(k, 0) + int(v)
+            rows.append({"model": _name(size, fe), "seeds": len(cfg.study.seeds), **total})
+    return pd.DataFrame(rows).fillna(0)
+
+
+def _threshold(m: dict) -> float:
+    t = m.get("threshold_at_sensitivity_0.9")
+    return float(t) if t is not None else 0.0
+
+
+def fe_difference_tiles(cfg: Config, ev: dict, pre: Path, n: int = 8) -> tuple[Any, Any]:
+    """Fig. 6 (SSD false positives that SSD-FE does not make) and Fig. 7 (CMBs SSD-FE finds, SSD misses),
+    each model at its own 90 %-sensitivity threshold; first seed, largest size; smallest CMBs first."""
+    from cmbfe import metrics as M
+    from cmbfe import viz
+    from cmbfe.data import read_png
+
+    size, seed = max(cfg.study.sizes), cfg.study.seeds[0]
+    a, b = ev[(size, False, seed)], ev[(size, True, seed)]  # a: SSD, b: SSD-FE
+    gt = a["gt"]
+    keep = {}
+    for key, r in (("ssd", a), ("fe", b)):
+        d, m = r["dets"], r["matching"]
+        sel = d.scores >= _threshold(r["metrics"])
+        keep[key] = (d.image[sel], d.boxes[sel], m.tp[sel], d.scores[sel])
+    images = {int(im["id"]): im for im in a["coco"]["images"]}
+    # Fig. 6: SSD false positives with no SSD-FE detection overlapping them on the same image.
+    tiles6 = []
+    img_a, box_a, tp_a, sc_a = keep["ssd"]
+    img_b, box_b, tp_b, _ = keep["fe"]
+    for i in np.argsort(-sc_a, kind="stable"):
+        if tp_a[i]:
+            continue
+        same = img_b == img_a[i]
+        if same.any() and (M.iou_pairs(box_a[i:i + 1].repeat(same.sum(), 0), box_b[same]) > 0.1).any():
+            continue
+        tiles6.append((int(img_a[i]), box_a[i], sc_a[i]))
+        if len(tiles6) >= n:
+            break
+    # Fig. 7: GT boxes hit by SSD-FE's true positives but by none of SSD's, smallest first.
+    def hit_gt(img, box, tp):
+        hits = set()
+        for im, bx in zip(img[tp], box[tp]):
+            on = np.flatnonzero(gt.box_image == im)
+            if len(on):
+                j = on[np.argmax(M.iou_pairs(np.repeat(bx[None], len(on), 0), gt.boxes[on]))]
+                hits.add(int(j))
+        return hits
+    only_fe = sorted(hit_gt(img_b, box_b, tp_b) - hit_gt(img_a, box_a, tp_a),
+                     key=lambda j: float(np.prod(gt.boxes[j, 2:] - gt.boxes[j, :2])))[:n]
+
+    def tiles(items, title):
+        if not items:
+            import matplotlib.pyplot as plt
+
+            fig, ax = plt.subplots(figsize=(4, 1))
+            ax.axis("off")
+            ax.text(0.5, 0.5, f"{title}: none at these operating points", ha="center", va="center")
+            return fig
+        ims, gts, dts, crops, titles = [], [], [], [], []
+        for im_id, box, label in items:
+            meta = images[im_id]
+            arr = read_png(Path(pre) / "images" / meta["file_name"])
+            ims.append(arr)
+            gts.append(gt.boxes[gt.box_image == im_id])
+            dts.append(box.reshape(-1, 4))
+            crops.append(viz.crop_around(box, 48, arr.shape))
+            titles.append(f"{meta.get('patient_id', '')} z{meta.get('slice_index', '')} {label}")
+        return viz.image_tiles(ims, gts, dts, titles=titles, crops=crops)
+
+    fig6 = tiles([(i, bx, f"SSD {s:.2f}") for i, bx, s in tiles6], "SSD false positives removed by FE")
+    fig7 = tiles([(int(gt.box_image[j]), gt.boxes[j], f"{(gt.boxes[j, 2] - gt.boxes[j, 0]):.0f}px")
+                  for j in only_fe], "CMBs found only with FE")
+    return fig6, fig7
+
+
+def fe_examples(run_dir: Path, pre: Path, n: int = 3) -> dict[str, Any]:
+    """FE maps (``CMBDetector.fe_maps``) for the ``n`` test slices with the most CMB pixels, as numpy."""
+    import torch
+
+    from cmbfe.data import SliceDataset
+    from cmbfe.predict import load_model
+
+    model, cfg = load_model(run_dir)
+    ds = SliceDataset(pre, "test", input=cfg.model.input)
+    boxes = [ds.target(i)["boxes"] for i in range(len(ds))]
+    area = [float(((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])).sum()) if len(b) else 0.0 for b in boxes]
+    idx = [i for i in np.argsort(area, kind="stable")[::-1][:n]]
+    batch = [ds[int(i)] for i in idx]
+    maps = model.fe_maps([b[0] for b in batch], [{"boxes": b[1]["boxes"], "labels": b[1]["labels"]}
+                                                  for b in batch])
+    out = {k: v.detach().cpu().numpy() for k, v in maps.items() if isinstance(v, torch.Tensor)}
+    scale = maps["image"].shape[-1] / batch[0][0].shape[-1]
+    out["boxes"] = [b[1]["boxes"].numpy() * scale for b in batch]
+    out["titles"] = [f"{ds.images[int(i)].get('patient_id', '')} z{ds.images[int(i)].get('slice_index', '')}"
+                     for i in idx]
+    out["alpha"] = model.fe_cfg.alpha
+    return out

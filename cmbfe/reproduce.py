@@ -1,0 +1,225 @@
+"""``cmbfe reproduce``: run the numbered notebooks of the study for a profile with papermill.
+
+Each notebook ``notebooks/NN_name.ipynb`` has a cell tagged ``parameters`` whose defaults are the
+smoke profile (so nbval runs it quickly). For profile P the runner injects ``profile=P`` plus the
+flat keys of ``params/P.yaml``'s ``notebooks: {NN_name: {...}}`` section, after checking every key
+against the names assigned in the parameters cell (papermill itself only logs unknown ones).
+
+Executed copies go to ``results/notebooks/<profile>/``. A notebook whose source, parameters, profile
+config and package code are unchanged since its last successful run is skipped unless ``--force``.
+A failure names the notebook and the cell and leaves earlier results in place.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import hashlib
+import json
+import platform
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from cmbfe import config
+from cmbfe.config import REPO_ROOT, Config, ConfigError
+from cmbfe.utils import atomic_write_json
+
+NOTEBOOK_DIR = REPO_ROOT / "notebooks"
+PACKAGES = ("cmbfe", "torch", "torchvision", "numpy", "scipy", "pydicom", "antspyx", "nilearn",
+            "pandas", "matplotlib", "scikit-learn", "papermill", "pycocotools")
+
+
+def notebooks() -> list[Path]:
+    """The study's notebooks in run order (``NN_name.ipynb``)."""
+    return sorted(p for p in NOTEBOOK_DIR.glob("[0-9][0-9]_*.ipynb"))
+
+
+def parameter_names(nb_path: Path) -> set[str]:
+    """Names assigned in the notebook's cell tagged ``parameters`` (parsed, not executed)."""
+    nb = json.loads(Path(nb_path).read_text())
+    for cell in nb.get("cells", []):
+        if "parameters" in cell.get("metadata", {}).get("tags", []):
+            src = "".join(cell["source"]) if isinstance(cell["source"], list) else cell["source"]
+            names: set[str] = set()
+            for node in ast.parse(src).body:
+                targets = node.targets if isinstance(node, ast.Assign) else (
+                    [node.target] if isinstance(node, ast.AnnAssign) else [])
+                for t in targets:
+                    if isinstance(t, ast.Name):
+                        names.add(t.id)
+            return names
+    raise ConfigError(f"{nb_path}: no cell tagged 'parameters'")
+
+
+def notebook_parameters(cfg: Config, nb_path: Path) -> list[dict[str, Any]]:
+    """Parameter sets to inject into ``nb_path`` for ``cfg`` (one execution each).
+
+    ``notebooks.<name>`` in a profile is a mapping (one run) or a list of mappings (one run per
+    configuration, e.g. 03_train). Keys the notebook's parameters cell lacks raise ConfigError.
+    """
+    value = cfg.notebooks.get(nb_path.stem, {})
+    sets = value if isinstance(value, list) else [value]
+    allowed = parameter_names(nb_path)
+    out = []
+    for extra in sets:
+        params: dict[str, Any] = {"profile": cfg.profile, **extra}
+        unknown = sorted(set(params) - allowed)
+        if unknown:
+            raise ConfigError(
+                f"params/{cfg.profile}.yaml: notebooks.{nb_path.stem} sets {unknown}, which "
+                f"{nb_path.name}'s parameters cell does not define (it has {sorted(allowed)})")
+        out.append(params)
+    return out
+
+
+def check_profile(cfg: Config) -> None:
+    """Check every notebook named in ``cfg.notebooks`` exists and all its keys are parameters."""
+    stems = {p.stem: p for p in notebooks()}
+    for name in cfg.notebooks:
+        if name not in stems:
+            raise ConfigError(f"params/{cfg.profile}.yaml: notebooks.{name}: no notebook {name}.ipynb")
+    for p in stems.values():
+        notebook_parameters(cfg, p)
+
+
+def _source_hash() -> str:
+    h = hashlib.sha256()
+    for p in sorted((REPO_ROOT / "cmbfe").glob("*.py")):
+        h.update(p.name.encode())
+        h.update(p.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _stamp(cfg: Config, nb_path: Path, params: dict[str, Any]) -> str:
+    h = hashlib.sha256()
+    h.update(nb_path.read_bytes())
+    h.update(json.dumps(params, sort_keys=True).encode())
+    h.update(cfg.hash().encode())
+    h.update(_source_hash().encode())
+    return h.hexdigest()[:16]
+
+
+def git_commit() -> str:
+    """The repository's HEAD commit (with ``+dirty`` if the tree has changes), or ``unknown``."""
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True,
+                             text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
+                               capture_output=True, text=True, check=False).stdout.strip()
+        return rev + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def device_description() -> dict[str, Any]:
+    """What the run executes on: CPU model and cores, and the GPU name when CUDA is available."""
+    import os
+
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    dev: dict[str, Any] = {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                           "cuda": torch.cuda.is_available()}
+    if torch.cuda.is_available():
+        dev["gpu"] = torch.cuda.get_device_name(0)
+    return dev
+
+
+def package_versions() -> dict[str, str]:
+    out = {}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    out["python"] = platform.python_version()
+    return out
+
+
+def reproduce(profile: str, *, only: list[str] | None = None, force: bool = False,
+              overrides: tuple[str, ...] = ()) -> int:
+    """Run the study notebooks for ``profile``; return 0 on success, 1 on a notebook failure."""
+    import papermill as pm
+    from papermill.exceptions import PapermillExecutionError
+
+    from cmbfe.study import results_dir
+
+    cfg = config.load(profile, list(overrides))
+    check_profile(cfg)
+    nbs = notebooks()
+    if only:
+        names = {o.removesuffix(".ipynb") for o in only}
+        missing = names - {p.stem for p in nbs} - {p.stem.split("_", 1)[0] for p in nbs}
+        if missing:
+            raise ConfigError(f"--only {sorted(missing)}: no such notebook")
+        nbs = [p for p in nbs if p.stem in names or p.stem.split("_", 1)[0] in names]
+    out_dir = results_dir(cfg) / "notebooks" / cfg.profile
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stamps_path = out_dir / "stamps.json"
+    stamps = json.loads(stamps_path.read_text()) if stamps_path.exists() else {}
+    timings_path = out_dir / "timings.json"
+    timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
+    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    status = 0
+    jobs = []
+    for nb in nbs:
+        sets = notebook_parameters(cfg, nb)
+        for i, params in enumerate(sets):
+            name = nb.stem if len(sets) == 1 else f"{nb.stem}-{i + 1:02d}"
+            jobs.append((nb, name, params))
+    for nb, name, params in jobs:
+        stamp = _stamp(cfg, nb, params)
+        target = out_dir / f"{name}.ipynb"
+        if not force and stamps.get(name) == stamp and target.exists():
+            print(f"[cmbfe reproduce] {name}: unchanged, skipped (use --force to rerun)", flush=True)
+            continue
+        print(f"[cmbfe reproduce] {name}: running with {params}", flush=True)
+        t0 = time.perf_counter()
+        tmp = out_dir / f".{name}.running.ipynb"
+        try:
+            pm.execute_notebook(str(nb), str(tmp), parameters=params, cwd=str(REPO_ROOT),
+                                kernel_name="python3", progress_bar=False, log_output=False)
+        except PapermillExecutionError as e:
+            print(f"[cmbfe reproduce] FAILED: {nb.name}, cell {e.cell_index} (execution {e.exec_count}): "
+                  f"{e.ename}: {e.evalue}\n  executed copy with the traceback: {tmp}", file=sys.stderr)
+            status = 1
+            break
+        tmp.replace(target)
+        seconds = time.perf_counter() - t0
+        timings[name] = round(seconds, 1)
+        stamps[name] = stamp
+        atomic_write_json(stamps_path, stamps)
+        atomic_write_json(timings_path, timings)
+        print(f"[cmbfe reproduce] {name}: done in {seconds:.0f} s", flush=True)
+    provenance = {
+        "profile": cfg.profile, "params_hash": cfg.hash(), "params_file": f"params/{cfg.profile}.yaml",
+        "overrides": list(overrides), "git_commit": git_commit(), "device": device_description(),
+        "packages": package_versions(), "data_source": f"synthetic (cmbfe synth, seed {cfg.synth.seed}, "
+        f"{cfg.synth.patients} patients, matrix {cfg.synth.matrix})", "started": started,
+        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "notebook_seconds": timings, "status": "ok" if status == 0 else "failed", "reduced": cfg.study.reduced,
+    }
+    atomic_write_json(results_dir(cfg) / "provenance.json", provenance)
+    return status
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="cmbfe reproduce", description=__doc__.splitlines()[0])
+    ap.add_argument("--profile", default="default", choices=config.PROFILES)
+    ap.add_argument("--only", action="append", help="notebook name or number (repeatable)")
+    ap.add_argument("--force", action="store_true", help="rerun notebooks even if unchanged")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    a = ap.parse_args(argv)
+    return reproduce(a.profile, only=a.only, force=a.force, overrides=tuple(a.set))

@@ -1,0 +1,180 @@
+"""The study layer the notebooks call: cached data, cached training runs, result and figure paths.
+
+Everything is keyed by configuration hashes, so a notebook re-executed with the same profile reuses
+the cohort, the preprocessed slices and the trained runs instead of recomputing them, and two
+notebooks that need the same run (05 and 04, say) share it.
+
+Where things go (paths from the repository root, whatever the working directory):
+- data: ``data/<profile>/raw`` (DICOM cohort), ``data/<profile>/pre`` (slices + COCO);
+- runs: ``runs/<profile>/<tag>-<confighash>/``;
+- tables: ``results/`` for the ``default`` profile (committed), ``results/<profile>/`` otherwise;
+- figures: ``figures/`` for ``default``, ``figures/<profile>/`` otherwise.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from cmbfe import config
+from cmbfe.config import REPO_ROOT, Config
+from cmbfe.utils import atomic_write_json
+
+COMMITTED_PROFILE = "default"
+
+
+def results_dir(cfg: Config) -> Path:
+    """Folder for this profile's tables (``results/`` for default, ``results/<profile>/`` else)."""
+    d = REPO_ROOT / "results" if cfg.profile == COMMITTED_PROFILE else REPO_ROOT / "results" / cfg.profile
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def figures_dir(cfg: Config) -> Path:
+    """Folder for this profile's figures (``figures/`` for default, ``figures/<profile>/`` else)."""
+    d = REPO_ROOT / "figures" if cfg.profile == COMMITTED_PROFILE else REPO_ROOT / "figures" / cfg.profile
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def with_overrides(cfg: Config, **dotted: Any) -> Config:
+    """A copy of ``cfg`` with ``section__key=value`` overrides (``fe__enabled=True``), validated."""
+    data = copy.deepcopy(cfg.to_dict())
+    for key, value in dotted.items():
+        sec, _, name = key.partition("__")
+        if not name:
+            data[sec] = value
+        else:
+            data.setdefault(sec, {})[name] = value
+    return config.from_dict(data, f"{cfg.profile}+overrides")
+
+
+def _hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def data_key(cfg: Config) -> str:
+    """Hash of what determines the preprocessed data: the synth and preprocess sections."""
+    d = cfg.to_dict()
+    synth = {k: v for k, v in d["synth"].items() if k != "workers"}
+    pre = {k: v for k, v in d["preprocess"].items() if k != "workers"}
+    return _hash({"synth": synth, "preprocess": pre})
+
+
+def ensure_data(cfg: Config, *, force: bool = False, progress: bool = True) -> Path:
+    """Synthesise and preprocess the cohort for ``cfg`` unless a matching copy exists; return PRE."""
+    from cmbfe.preprocess import preprocess_cohort
+    from cmbfe.synth import synthesize_cohort
+
+    root = cfg.data_path()
+    raw, pre = root / "raw", root / "pre"
+    stamp = root / "data_key.json"
+    key = data_key(cfg)
+    if not force and stamp.exists() and json.loads(stamp.read_text()).get("key") == key and \
+            (pre / "annotations" / "test.json").exists():
+        return pre
+    synthesize_cohort(raw, cfg.synth, progress=progress, overwrite=True)
+    preprocess_cohort(raw, pre, cfg, overwrite=True, results=None)
+    atomic_write_json(stamp, {"key": key, "profile": cfg.profile})
+    return pre
+
+
+def run_key(cfg: Config) -> str:
+    """Hash of what determines a trained model (data + model + fe + augment + train sections)."""
+    d = cfg.to_dict()
+    train = {k: v for k, v in d["train"].items() if k not in ("workers", "log_every", "checkpoint_every",
+                                                               "device", "tensorboard")}
+    return _hash({"data": data_key(cfg), "model": d["model"], "fe": d["fe"], "augment": d["augment"],
+                  "train": train, "eval": d["eval"]["match"]})
+
+
+def run_tag(cfg: Config) -> str:
+    """Readable run name, e.g. ``vgg16-256-cmb-gray3-fe-s0``."""
+    m, fe = cfg.model, cfg.fe
+    fe_tag = "nofe"
+    if fe.enabled:
+        fe_tag = f"{fe.variant}-{fe.placement}-{fe.schedule}"
+    return f"{m.backbone}-{m.size}-{m.priors}-{m.input.replace('.', '')}-{fe_tag}-s{cfg.train.seed}"
+
+
+def ensure_run(cfg: Config, *, data: str | Path | None = None, progress: bool = True) -> Path:
+    """Train ``cfg`` (on PRE ``data``, default the profile's) unless a finished run with the same key
+    exists; resume a killed one. Returns RUN."""
+    from cmbfe.train import fit
+
+    key = run_key(cfg)
+    if data is not None:
+        rel = Path(data).resolve()
+        rel = rel.relative_to(REPO_ROOT) if rel.is_relative_to(REPO_ROOT) else rel
+        key = _hash({"run": key, "data": str(rel)})
+    run_dir = REPO_ROOT / "runs" / cfg.profile / f"{run_tag(cfg)}-{key}"
+    if (run_dir / "model.pt").exists():
+        return run_dir
+    fit(cfg, run_dir, resume=(run_dir / "checkpoint.pt").exists(), progress=progress,
+        data=Path(data) if data else None)
+    return run_dir
+
+
+def ensure_predictions(run_dir: Path, pre: Path, split: str = "test", *, ann: Path | None = None) -> list[dict]:
+    """COCO-results detections of ``run_dir``'s model on a split (cached as ``dets_<split>.json``)."""
+    from cmbfe.predict import load_model, predict
+
+    name = split if ann is None else Path(ann).stem
+    path = Path(run_dir) / f"dets_{name}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    model, cfg = load_model(run_dir)
+    dets = predict(model, pre, split if ann is None else ann, input=cfg.model.input, batch_size=8)
+    atomic_write_json(path, dets, indent=None)
+    return dets
+
+
+def load_gt(pre: Path, split: str = "test") -> dict:
+    """The COCO ground truth of a split."""
+    return json.loads((Path(pre) / "annotations" / f"{split}.json").read_text())
+
+
+def save_figure(fig: Any, cfg: Config, name: str) -> list[Path]:
+    """Save a matplotlib figure as PNG and PDF under the profile's figures folder, deterministically."""
+    out = []
+    for ext, meta in (("png", {"Software": None}), ("pdf", {"CreationDate": None, "Producer": None})):
+        p = figures_dir(cfg) / f"{name}.{ext}"
+        tmp = p.with_name(f".{p.name}.tmp.{ext}")
+        fig.savefig(tmp, dpi=150, bbox_inches="tight", metadata=meta)
+        tmp.replace(p)
+        out.append(p)
+    return out
+
+
+def save_table(df: pd.DataFrame, cfg: Config, stem: str, caption: str = "") -> Path:
+    """Write a table as ``<stem>.csv`` and ``<stem>.md`` in the profile's results folder."""
+    from cmbfe.tables import write_table
+
+    return write_table(df, stem, results_dir(cfg), caption=caption)
+
+
+def main_grid(cfg: Config) -> list[dict[str, Any]]:
+    """The paper's main comparison: every size in ``study.sizes`` x FE off/on x every seed.
+
+    Each entry is the flat parameter set of notebook 03_train (``size``, ``fe``, ``seed``).
+    """
+    return [{"size": size, "fe": fe, "seed": seed}
+            for size in cfg.study.sizes for fe in (False, True) for seed in cfg.study.seeds]
+
+
+def grid_config(cfg: Config, *, size: int | None = None, fe: bool | None = None, seed: int | None = None,
+                **dotted: Any) -> Config:
+    """``cfg`` with the 03_train parameters applied (None keeps the profile's value)."""
+    over: dict[str, Any] = dict(dotted)
+    if size is not None:
+        over["model__size"] = size
+    if fe is not None:
+        over["fe__enabled"] = fe
+    if seed is not None:
+        over["train__seed"] = seed
+    return with_overrides(cfg, **over) if over else cfg

@@ -1,0 +1,436 @@
+"""``cmbfe train``: iteration-based SSD training (Adam + step LR), atomic checkpoints, exact resume, DDP.
+
+Usage::
+
+    cmbfe train --params smoke --out RUN [--set train.iterations=200 ...] [--data PRE] [--resume]
+                [--stop-after N] [--no-progress]
+    torchrun --nproc_per_node=4 -m cmbfe.cli train --params paper --out RUN     # DDP (docs/training.md)
+
+Writes ``RUN/config.yaml`` (first), ``RUN/checkpoint.pt`` (every ``train.checkpoint_every`` iterations and at
+the end; temp file + ``os.replace``), ``RUN/log.csv`` (every ``train.log_every`` iterations: iteration, loss,
+bbox_loss, cls_loss, lr, images_per_s, seconds), ``RUN/val.csv`` (val-split metrics every ``train.val_every``
+iterations and at the end), ``RUN/model.pt`` (final ``state_dict``) and ``RUN/model.json``
+(``model.describe()`` + timings).
+
+Schedule: Adam(lr, weight_decay); the learning rate is multiplied by ``lr_gamma`` at each fraction of
+``iterations`` in ``lr_steps`` (paper: 1e-3, x0.1 at 80k and 100k of 120k). ``model.set_progress(it /
+iterations)`` drives the FE alpha schedule. ``train.batch_size`` is the global batch (split over DDP ranks).
+
+Reproducibility: on CPU the run is deterministic (``torch.use_deterministic_algorithms(True,
+warn_only=True)``; set ``CMBFE_THREADS`` to fix torch's intra-op threads, as thread count can change float
+reductions). Data order and augmentation depend only on ``(train.seed, draw position)`` (see
+:mod:`cmbfe.data`), the checkpoint stores model, optimizer, scheduler, AMP scaler, the torch/numpy/python RNG
+states and the iteration, so ``--resume`` reaches bit-identical weights to an uninterrupted CPU run.
+AMP (float16 autocast + GradScaler) and channels_last are used on CUDA only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import math
+import os
+import random
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import MultiStepLR
+from torch.utils.data import DataLoader
+
+from cmbfe import config as C
+from cmbfe.augment import build_augment
+from cmbfe.data import InfiniteSampler, SliceDataset, collate_fn
+from cmbfe.predict import predict, resolve_device
+from cmbfe.utils import CSVLogger, atomic_write_bytes, atomic_write_json, seed_everything
+
+LOG_FIELDS = ["iteration", "loss", "bbox_loss", "cls_loss", "lr", "images_per_s", "seconds"]
+VAL_METRICS = ["ap_voc", "ap_voc07", "sensitivity", "precision", "precision_at_sensitivity_0.9"]
+VAL_FIELDS = ["iteration", *VAL_METRICS, "fp_per_cmb", "froc_mean", "n_dets", "seconds"]
+# train.* keys that may differ between a run and its --resume (they do not change the result)
+RESUME_FREE = {"workers", "device", "tensorboard", "log_every", "checkpoint_every", "val_every", "cache"}
+
+
+# ------------------------------------------------------------------------------------------- helpers
+def dist_env() -> tuple[int, int, int]:
+    """``(rank, world_size, local_rank)`` from the torchrun environment (1 process: ``(0, 1, 0)``)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, 0
+    return int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def split_losses(losses: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """``(total, bbox, cls)`` from the model's loss dict (keys containing bbox/reg/loc vs cls/class/conf)."""
+    total = sum(losses.values())
+    zero = total.detach() * 0
+    bbox = sum((v.detach() for k, v in losses.items() if any(s in k for s in ("bbox", "reg", "loc"))), zero)
+    cls = sum((v.detach() for k, v in losses.items() if any(s in k for s in ("cls", "class", "conf"))), zero)
+    return total, bbox, cls
+
+
+def _train_step(
+    model: nn.Module,
+    images: list[Tensor],
+    targets: list[dict],
+    optimizer: Optimizer,
+    scaler: torch.amp.GradScaler,
+    amp: bool,
+    device: torch.device,
+) -> tuple[Tensor, ...]:
+    with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=amp):
+        losses = model(images, targets)
+        total, bbox, cls = split_losses(losses)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(total).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return total.detach(), bbox, cls
+
+
+def step_time(
+    model: nn.Module,
+    images: list[Tensor],
+    targets: list[dict],
+    optimizer: Optimizer,
+    repeats: int = 5,
+    *,
+    warmup: int = 1,
+    amp: bool = False,
+) -> dict[str, Any]:
+    """Seconds per training step (forward + backward + optimizer) on one fixed batch (paper Table 3).
+
+    Runs ``warmup`` untimed then ``repeats`` timed steps on the device of ``images`` (synchronising CUDA);
+    returns ``{"median_s", "times_s", "batch", "images_per_s"}``. The steps update the model's weights.
+    """
+    device = images[0].device
+    model.train()
+    scaler = torch.amp.GradScaler(device.type, enabled=amp and device.type == "cuda")
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        _train_step(model, images, targets, optimizer, scaler, scaler.is_enabled(), device)
+    times = []
+    for _ in range(max(1, repeats)):
+        sync()
+        t0 = time.perf_counter()
+        _train_step(model, images, targets, optimizer, scaler, scaler.is_enabled(), device)
+        sync()
+        times.append(time.perf_counter() - t0)
+    med = statistics.median(times)
+    return {"median_s": med, "times_s": times, "batch": len(images), "images_per_s": len(images) / med}
+
+
+def build_optimizer(model: nn.Module, tc: C.TrainConfig) -> tuple[Optimizer, MultiStepLR]:
+    """Adam + MultiStepLR at ``round(f * iterations)`` for ``f`` in ``lr_steps`` (stepped per iteration)."""
+    opt = torch.optim.Adam(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    miles = sorted({max(1, round(f * tc.iterations)) for f in tc.lr_steps})
+    return opt, MultiStepLR(opt, milestones=miles, gamma=tc.lr_gamma)
+
+
+def rng_state() -> dict[str, Any]:
+    """torch/numpy/python RNG states as tensors and plain types (loadable with ``weights_only=True``)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    version, pystate, gauss = random.getstate()
+    np_state = {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos)}
+    np_state |= {"has_gauss": int(has_gauss), "cached": float(cached)}
+    py_state = {"version": int(version), "state": torch.tensor(pystate, dtype=torch.int64), "gauss": gauss}
+    st: dict[str, Any] = {"torch": torch.get_rng_state(), "numpy": np_state, "python": py_state}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def set_rng_state(st: dict[str, Any]) -> None:
+    """Inverse of :func:`rng_state`."""
+    torch.set_rng_state(st["torch"].cpu())
+    n = st["numpy"]
+    np.random.set_state(
+        (n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"])
+    )
+    p = st["python"]
+    random.setstate((p["version"], tuple(int(v) for v in p["state"].tolist()), p["gauss"]))
+    if "cuda" in st and torch.cuda.is_available() and len(st["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([s.cpu() for s in st["cuda"]])
+
+
+def save_torch(obj: Any, path: Path) -> None:
+    """``torch.save`` to ``path`` atomically (temp file + ``os.replace``)."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _resume_check(saved: dict[str, Any], cfg: C.Config, path: Path) -> None:
+    now = cfg.to_dict()
+    diff = []
+    for sec in sorted(set(saved) | set(now)):
+        a, b = saved.get(sec), now.get(sec)
+        if isinstance(a, dict) and isinstance(b, dict):
+            diff += [
+                f"{sec}.{k}"
+                for k in sorted(set(a) | set(b))
+                if a.get(k) != b.get(k) and not (sec == "train" and k in RESUME_FREE)
+            ]
+        elif a != b and sec not in ("notebooks", "study", "profile"):
+            diff.append(sec)
+    if diff:
+        raise C.ConfigError(f"{path}: cannot resume, configuration differs in {', '.join(diff)}")
+
+
+def validate_split(
+    model: nn.Module, dataset: SliceDataset, cfg: C.Config, device: torch.device
+) -> dict[str, Any]:
+    """Predict on ``dataset`` (the val split) and return its metrics (``cmbfe.evaluate``)."""
+    from cmbfe.evaluate import dets_from_coco, evaluate, gt_from_coco
+
+    kw = {"input": dataset.input, "batch_size": cfg.train.batch_size, "device": device, "dataset": dataset}
+    dets = predict(model, dataset.pre_dir, dataset.split, **kw)
+    gt = gt_from_coco(dataset.coco, f"{dataset.pre_dir}/annotations/{dataset.split}.json")
+    res = evaluate(
+        gt, dets_from_coco(dets, gt), match=cfg.eval.match, iou=cfg.eval.iou, radius_mm=cfg.eval.radius_mm
+    )
+    return res["metrics"]
+
+
+def _csv_value(v: Any) -> Any:
+    return "" if v is None or (isinstance(v, float) and math.isnan(v)) else v
+
+
+def _to(targets: list[dict], device: torch.device) -> list[dict]:
+    return [
+        {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in t.items()}
+        for t in targets
+    ]
+
+
+# ------------------------------------------------------------------------------------------- fit
+def fit(
+    cfg: C.Config,
+    out_dir: Path | str,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    data: Path | str | None = None,
+    stop_after: int | None = None,
+) -> Path:
+    """Train ``build_model(cfg.model, cfg.fe)`` on ``data`` (default ``cfg.data_path()/"pre"``) in ``out_dir``.
+
+    ``resume`` continues from ``out_dir/checkpoint.pt`` (configuration must match, except the train keys in
+    ``RESUME_FREE``). ``stop_after`` ends the call after that many iterations in total (an interruption: a
+    checkpoint is written, no final weights) and returns the checkpoint path. Returns ``out_dir/model.pt``.
+    """
+    from cmbfe.models import build_model
+
+    out = Path(out_dir)
+    tc = cfg.train
+    pre = Path(data) if data is not None else cfg.data_path() / "pre"
+    rank, world, local = dist_env()
+    device = resolve_device(tc.device)
+    if world > 1:
+        if device.type == "cuda":
+            device = torch.device("cuda", local)
+            torch.cuda.set_device(device)
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if tc.batch_size % world:
+            raise C.ConfigError(f"train.batch_size {tc.batch_size} is not divisible by WORLD_SIZE {world}")
+    main_proc = rank == 0
+    threads_before = torch.get_num_threads()
+    if os.environ.get("CMBFE_THREADS"):
+        torch.set_num_threads(int(os.environ["CMBFE_THREADS"]))
+    det_before = torch.are_deterministic_algorithms_enabled()
+    if device.type == "cpu":
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    else:
+        torch.backends.cudnn.benchmark = True
+    amp = tc.amp and device.type == "cuda"
+    seed_everything(tc.seed + rank)
+    log = val_log = tb = None
+    try:
+        aug = build_augment(cfg.augment) if cfg.augment.enabled else None
+        kw = {"input": cfg.model.input, "cache": tc.cache}
+        ds = SliceDataset(pre, "train", augment=aug, negatives_ratio=tc.negatives_ratio, seed=tc.seed, **kw)
+        val_ds = None
+        if main_proc and (pre / "annotations" / "val.json").is_file():
+            val_ds = SliceDataset(pre, "val", **kw)
+        elif main_proc:
+            warnings.warn(f"{pre}/annotations/val.json not found: no validation", stacklevel=2)
+        core = build_model(cfg.model, cfg.fe).to(device)
+        if device.type == "cuda" and tc.channels_last:
+            core = core.to(memory_format=torch.channels_last)
+        optimizer, scheduler = build_optimizer(core, tc)
+        scaler = torch.amp.GradScaler(device.type, enabled=amp)
+        ckpt_path = out / "checkpoint.pt"
+        start, elapsed = 0, 0.0
+        if resume and ckpt_path.is_file():
+            ck = torch.load(ckpt_path, map_location=device, weights_only=True)
+            _resume_check(ck["config"], cfg, ckpt_path)
+            core.load_state_dict(ck["model"])
+            optimizer.load_state_dict(ck["optimizer"])
+            scheduler.load_state_dict(ck["scheduler"])
+            if ck.get("scaler"):
+                scaler.load_state_dict(ck["scaler"])
+            set_rng_state(ck["rng"][min(rank, len(ck["rng"]) - 1)])
+            start, elapsed = int(ck["iteration"]), float(ck.get("elapsed_s", 0.0))
+        elif resume and main_proc:
+            warnings.warn(f"{ckpt_path} not found: starting from iteration 0", stacklevel=2)
+        if main_proc:
+            out.mkdir(parents=True, exist_ok=True)
+            C.dump(cfg, out / "config.yaml")
+        model: nn.Module = core
+        if world > 1:
+            model = nn.parallel.DistributedDataParallel(
+                core, device_ids=[local] if device.type == "cuda" else None
+            )
+        sampler = InfiniteSampler(
+            len(ds), tc.batch_size // world, seed=tc.seed, rank=rank, world_size=world, start_batch=start
+        )
+        gen = torch.Generator().manual_seed(tc.seed)  # keeps DataLoader off the global RNG
+        kw = {
+            "num_workers": tc.workers,
+            "persistent_workers": tc.workers > 0,
+            "pin_memory": device.type == "cuda",
+        }
+        loader = DataLoader(ds, batch_sampler=sampler, collate_fn=collate_fn, generator=gen, **kw)
+        batches = iter(loader)
+        if main_proc:
+            log = CSVLogger(out / "log.csv", LOG_FIELDS, append=start > 0)
+            val_log = CSVLogger(out / "val.csv", VAL_FIELDS, append=start > 0)
+            if tc.tensorboard:
+                try:
+                    from torch.utils.tensorboard import SummaryWriter
+
+                    tb = SummaryWriter(str(out / "tb"))
+                except ImportError:
+                    warnings.warn("tensorboard is not installed: train.tensorboard ignored", stacklevel=2)
+        from tqdm.auto import tqdm
+
+        show = progress and main_proc
+        bar = tqdm(total=tc.iterations, initial=start, disable=not show, desc="train", dynamic_ncols=True)
+        end = tc.iterations if stop_after is None else min(tc.iterations, stop_after)
+        acc = torch.zeros(3, device=device)
+        n_acc, t_win, t0 = 0, time.perf_counter(), time.perf_counter()
+        step_times: list[float] = []
+
+        def checkpoint(it: int) -> None:
+            rng = [None] * world
+            if world > 1:
+                dist.all_gather_object(rng, rng_state())
+            else:
+                rng = [rng_state()]
+            if main_proc:
+                state = {"iteration": it, "model": core.state_dict(), "optimizer": optimizer.state_dict()}
+                state |= {"scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rng}
+                state |= {"sampler": {"batch": it, "seed": tc.seed, "world_size": world}}
+                state |= {"elapsed_s": elapsed + time.perf_counter() - t0, "config": cfg.to_dict()}
+                save_torch(state, ckpt_path)
+
+        def run_val(it: int) -> None:
+            if val_ds is not None:
+                tv = time.perf_counter()
+                m = validate_split(core, val_ds, cfg, device)
+                row = {k: m.get(k) for k in VAL_FIELDS}
+                row.update(iteration=it, seconds=round(time.perf_counter() - tv, 3), n_dets=m.get("n_dets"))
+                val_log.log({k: _csv_value(v) for k, v in row.items()})
+                if tb is not None:
+                    tb.add_scalar("val/ap_voc", m["ap_voc"], it)
+            if world > 1:
+                dist.barrier()
+
+        model.train()
+        for it in range(start, end):
+            core.set_progress(it / tc.iterations)
+            ts = time.perf_counter()
+            images, targets = next(batches)
+            images = [im.to(device, non_blocking=True) for im in images]
+            targets = _to(targets, device)
+            total, bbox, cls = _train_step(model, images, targets, optimizer, scaler, amp, device)
+            scheduler.step()
+            acc += torch.stack([total, bbox, cls]).float()
+            n_acc += 1
+            step_times.append(time.perf_counter() - ts)
+            done = it + 1
+            if (tc.log_every > 0 and done % tc.log_every == 0) or done == end:
+                if world > 1:
+                    dist.all_reduce(acc)
+                    acc /= world
+                vals = (acc / n_acc).tolist()
+                if not math.isfinite(vals[0]):
+                    raise FloatingPointError(f"training loss is {vals[0]} at iteration {done}")
+                now = time.perf_counter()
+                row = dict(zip(LOG_FIELDS[:4], [done, *vals]), lr=optimizer.param_groups[0]["lr"])
+                row["images_per_s"] = round(n_acc * tc.batch_size / max(now - t_win, 1e-9), 3)
+                row["seconds"] = round(elapsed + now - t0, 3)
+                if main_proc:
+                    log.log(row)
+                    if tb is not None:
+                        for k in ("loss", "bbox_loss", "cls_loss", "lr", "images_per_s"):
+                            tb.add_scalar(f"train/{k}", row[k], done)
+                bar.set_postfix(loss=f"{vals[0]:.4f}", lr=f"{row['lr']:.1e}")
+                acc.zero_()
+                n_acc, t_win = 0, now
+            bar.update(1)
+            if tc.checkpoint_every and done % tc.checkpoint_every == 0 and done < end:
+                checkpoint(done)
+            if tc.val_every and done % tc.val_every == 0 and done < tc.iterations:
+                run_val(done)
+        bar.close()
+        final = end >= tc.iterations
+        if end > start or start == 0:
+            checkpoint(end)
+        if not final:
+            return ckpt_path
+        run_val(tc.iterations)
+        train_s = elapsed + time.perf_counter() - t0
+        if main_proc:
+            save_torch(core.state_dict(), out / "model.pt")
+            med = statistics.median(step_times) if step_times else None
+            timings = {"train_s": round(train_s, 3), "iterations": tc.iterations, "this_call": end - start}
+            timings |= {"step_s_median": med, "images_per_s": tc.batch_size / med if med else None}
+            timings |= {"batch_size": tc.batch_size, "world_size": world, "device": str(device), "amp": amp}
+            info = {"model": core.describe(), "parameters": sum(p.numel() for p in core.parameters())}
+            info |= {"timings": timings, "config_hash": cfg.hash(), "torch": torch.__version__}
+            atomic_write_json(out / "model.json", info)
+        return out / "model.pt"
+    finally:
+        for closable in (log, val_log, tb):
+            if closable is not None:
+                closable.close()
+        torch.use_deterministic_algorithms(det_before)
+        torch.set_num_threads(threads_before)
+        if world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``cmbfe train --params FILE [--set key=value ...] --out RUN [--resume] [--data PRE]``."""
+    ap = argparse.ArgumentParser(prog="cmbfe train", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--params", required=True, help="params YAML file or profile name (smoke/default/paper)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="e.g. train.lr=0.0001")
+    ap.add_argument("--out", required=True, type=Path, help="run folder")
+    ap.add_argument("--resume", action="store_true", help="continue from RUN/checkpoint.pt")
+    ap.add_argument("--data", type=Path, default=None, help="PRE folder (default: <data_dir>/pre)")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ap.add_argument(
+        "--stop-after", type=int, metavar="N", help="stop at iteration N (checkpoint; then --resume)"
+    )
+    args = ap.parse_args(argv)
+    cfg = C.load(args.params, args.set)
+    t0 = time.perf_counter()
+    kw = {"resume": args.resume, "progress": not args.no_progress, "stop_after": args.stop_after}
+    path = fit(cfg, args.out, data=args.data, **kw)
+    if dist_env()[0] == 0:
+        print(f"cmbfe train: {path} ({time.perf_counter() - t0:.1f} s)")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,55 @@
+# %% [markdown]
+# # 03 — Train one detector
+#
+# One configuration per execution: `cmbfe reproduce` runs this notebook once for every entry of
+# `notebooks.03_train` in the profile (the main comparison: each size × FE off/on × seed).
+# Runs are cached under `runs/<profile>/` by a hash of their configuration, so a rerun with the
+# same parameters returns at once, and a killed run resumes from its last checkpoint.
+
+# %% tags=["parameters"]
+profile = "smoke"
+size = None  # network input in px; None keeps the profile's model.size
+fe = False  # feature enhancement at conv4_3 during training
+seed = 0
+backbone = None  # vgg16 | resnet34 | mobilenet_v3; None keeps the profile's
+priors = None  # paper | cmb
+input_channels = None  # gray3 | 2.5d
+fe_placement = None  # post_l2norm | pre_l2norm
+fe_schedule = None  # constant | cosine
+fe_variant = None  # fe | ae
+iterations = None
+
+# %%
+import json
+
+import matplotlib.pyplot as plt
+import pandas as pd
+
+from cmbfe import config, study
+
+base = config.load(profile)
+extra = {k: v for k, v in {"model__backbone": backbone, "model__priors": priors, "model__input": input_channels,
+                          "fe__placement": fe_placement, "fe__schedule": fe_schedule,
+                          "fe__variant": fe_variant, "train__iterations": iterations}.items() if v is not None}
+cfg = study.grid_config(base, size=size, fe=fe, seed=seed, **extra)
+pre = study.ensure_data(cfg)
+run = study.ensure_run(cfg)
+print("run:", run.relative_to(config.REPO_ROOT))
+print(json.dumps(json.loads((run / "model.json").read_text()), indent=1)[:1500])
+
+# %% [markdown]
+# ## Training curve and validation AP
+
+# %%
+log = pd.read_csv(run / "log.csv")
+fig, ax = plt.subplots(figsize=(6, 3.5))
+ax.plot(log["iteration"], log["loss"], label="total")
+ax.plot(log["iteration"], log["bbox_loss"], label="box regression")
+ax.plot(log["iteration"], log["cls_loss"], label="classification")
+ax.set_xlabel("iteration")
+ax.set_ylabel("loss")
+ax.set_title(study.run_tag(cfg))
+ax.legend()
+plt.show()
+val = pd.read_csv(run / "val.csv") if (run / "val.csv").exists() else None
+val

@@ -1,0 +1,285 @@
+"""cmbfe.models: pinned feature maps, anchors, FE placement, eval identity, training, pretrained loading."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torchvision.models import mobilenet_v3_large, resnet34, vgg
+
+from cmbfe.config import FEConfig, ModelConfig
+from cmbfe.models import (
+    BACKBONES,
+    FOV_MM,
+    FEContext,
+    build_model,
+    load_checkpoint_weights,
+    pretrained_path,
+    prior_spec,
+)
+
+SMALL = {"size": 128, "width": 0.125}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models; avoids OpenMP contention on a shared 2-core machine
+    yield
+    torch.set_num_threads(n)
+
+
+def small(backbone: str = "vgg16", fe: bool = False, placement: str = "post_l2norm", **kw):
+    cfg = ModelConfig(backbone=backbone, **{**SMALL, "priors": "cmb", **kw})
+    return build_model(cfg, FEConfig(enabled=fe, placement=placement))
+
+
+def blob(size: int = 128, cx: float = 60.0, cy: float = 70.0, r: float = 5.0):
+    """Gray3 image in [0, 1] with one dark Gaussian blob and its xyxy box."""
+    yy, xx = torch.meshgrid(torch.arange(size) + 0.5, torch.arange(size) + 0.5, indexing="ij")
+    img = 0.7 - 0.5 * torch.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * (r / 2) ** 2))
+    return img.expand(3, -1, -1).clone(), torch.tensor([[cx - r, cy - r, cx + r, cy + r]])
+
+
+def target(boxes: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {
+        "boxes": boxes.float().reshape(-1, 4),
+        "labels": torch.ones(len(boxes.reshape(-1, 4)), dtype=torch.int64),
+    }
+
+
+EMPTY = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}
+
+
+@pytest.mark.parametrize(
+    ("backbone", "size", "maps"),
+    [
+        ("vgg16", 300, [38, 19, 10, 5, 3, 1]),
+        ("vgg16", 512, [64, 32, 16, 8, 4, 2, 1]),  # SSD paper's SSD-512, not torchvision's 64..6, 4, 1
+        ("resnet34", 300, [38, 19, 10, 5, 3, 1]),
+        ("mobilenet_v3", 320, [20, 10, 5, 3, 2, 1]),
+        ("vgg16", 128, [16, 8, 4, 2, 1]),
+    ],
+)
+def test_feature_map_sizes_pinned(backbone, size, maps):
+    bb = BACKBONES[backbone](size, 0.125, False, "post_l2norm").eval()
+    with torch.no_grad():
+        feats = bb(torch.zeros(1, 3, size, size))  # a real forward, not the meta dry run
+    assert [v.shape[-1] for v in feats.values()] == maps
+    assert [v.shape[-2] for v in feats.values()] == maps
+
+
+def test_anchor_count_and_describe():
+    m = small("vgg16", size=160)
+    d = m.describe()
+    sizes = [f["size"][0] for f in d["feature_maps"]]
+    assert sizes == [20, 10, 5, 3, 1]
+    per_loc = m.anchor_generator.num_anchors_per_location()
+    assert d["num_anchors"] == sum(n * s * s for n, s in zip(per_loc, sizes))
+    m.eval()
+    batch, _ = m.transform([torch.rand(3, 160, 160)])
+    feats = list(m.backbone(batch.tensors).values())
+    anchors = m.anchor_generator(batch, feats)
+    assert anchors[0].shape == (d["num_anchors"], 4)
+    assert math.isclose(d["mm_per_px"], FOV_MM / 160)
+    first = d["feature_maps"][0]["anchor_wh_mm"]
+    assert first[0] == [3.0, 3.0] and d["params"] > 0 and d["backbone"] == "vgg16"
+
+
+def test_prior_specs():
+    ratios, scales = prior_spec("paper", 6)
+    assert ratios == [[2], [2, 3], [2, 3], [2, 3], [2], [2]]
+    assert scales[0] == 0.1 and scales[1] == 0.2 and scales[5] == pytest.approx(0.9) and len(scales) == 7
+    ratios, scales = prior_spec("cmb", 7)
+    assert ratios == [[2], [2], [], [], [], [], []]
+    assert 2.5 <= scales[0] * FOV_MM <= 4.0 and len(scales) == 8
+    with pytest.raises(ValueError):
+        prior_spec("huge", 6)
+
+
+@pytest.mark.parametrize("backbone", ["vgg16", "resnet34", "mobilenet_v3"])
+def test_eval_identical_with_and_without_fe(backbone):
+    torch.manual_seed(0)
+    with_fe = small(backbone, fe=True)
+    plain = small(backbone, fe=False)
+    plain.load_state_dict(with_fe.state_dict())
+    img, box = blob(150)
+    images = [img, torch.rand(3, 140, 150)]
+    with_fe.eval()
+    plain.eval()
+    with torch.no_grad():
+        a, b = with_fe(images, [target(box), EMPTY]), plain(images)
+    for x, y in zip(a, b):
+        for k in ("boxes", "scores", "labels"):
+            assert torch.equal(x[k], y[k])
+    for o, im in zip(a, images):  # boxes in the original (not the resized) pixel frame
+        assert (o["boxes"][:, 2:] <= torch.tensor([im.shape[2], im.shape[1]])).all() and (
+            o["boxes"] >= 0
+        ).all()
+
+
+def test_fe_changes_training_losses_only_when_enabled():
+    torch.manual_seed(0)
+    img, box = blob(size=128, r=6.0)  # 12 px: matched by first-map 'paper' priors (12.8 px), where FE acts
+    with_fe, plain = small(fe=True, priors="paper"), small(fe=False, priors="paper")
+    plain.load_state_dict(with_fe.state_dict())
+    with_fe.train()
+    plain.train()
+    la = with_fe([img], [target(box)])
+    lb = plain([img], [target(box)])
+    assert not torch.allclose(la["classification"], lb["classification"])
+    assert not torch.allclose(la["bbox_regression"], lb["bbox_regression"])
+    with_fe.fe_cfg.enabled = False
+    lc = with_fe([img], [target(box)])
+    assert torch.equal(lc["classification"], lb["classification"])
+
+
+def _sources(model, img, box, enhanced: bool):
+    model.eval()
+    batch, tgts = model.transform([img], [target(box)])
+    if enhanced:
+        model.backbone.fe_context = FEContext([tgts[0]["boxes"]], 1.0, 1.5, "fe", 0.5, 0.25)
+    try:
+        with torch.no_grad():
+            return list(model.backbone(batch.tensors).values())
+    finally:
+        model.backbone.fe_context = None
+
+
+@pytest.mark.parametrize("backbone", ["vgg16", "resnet34"])
+def test_pre_l2norm_is_cancelled_at_head_but_changes_deeper_layers(backbone):
+    torch.manual_seed(0)
+    m = small(backbone, fe=True, placement="pre_l2norm")
+    img, box = blob(size=128, r=10.0)
+    plain, enh = _sources(m, img, box, False), _sources(m, img, box, True)
+    torch.testing.assert_close(enh[0], plain[0], atol=1e-4, rtol=1e-4)  # L2Norm cancels the per-pixel scale
+    assert not torch.allclose(enh[1], plain[1], atol=1e-4)
+
+
+@pytest.mark.parametrize("backbone", ["vgg16", "resnet34", "mobilenet_v3"])
+def test_post_l2norm_changes_head_input_only(backbone):
+    torch.manual_seed(0)
+    m = small(backbone, fe=True, placement="post_l2norm")
+    img, box = blob(size=128, r=10.0)
+    plain, enh = _sources(m, img, box, False), _sources(m, img, box, True)
+    diff = (enh[0] - plain[0]).abs().amax()
+    assert diff > 1e-3 * plain[0].abs().amax()  # not a no-op
+    for a, b in zip(enh[1:], plain[1:]):
+        assert torch.equal(a, b)
+
+
+def test_fe_maps_uses_resized_centre_channel():
+    m = small(fe=True)
+    img, box = blob(size=200, cx=90, cy=100, r=9)
+    img[0] = 0.0  # channels differ: FE must read the centre channel (index 1)
+    d = m.fe_maps([img], [target(box)])
+    want = F.interpolate(img[None], size=(128, 128), mode="bilinear", align_corners=False)[:, 1:2]
+    torch.testing.assert_close(d["image"], want, atol=1e-5, rtol=1e-5)
+    assert d["mask"].shape[-2:] == d["before"].shape[-2:] == (16, 16)
+    assert d["mask_full"].max() > 0 and d["mask"].max() > 0
+    assert m.training  # mode restored
+
+
+@pytest.mark.parametrize("backbone", ["vgg16", "resnet34", "mobilenet_v3"])
+def test_zero_box_images_train_cleanly(backbone):
+    torch.manual_seed(0)
+    m = small(backbone, fe=True)
+    m.train()
+    losses = m([torch.rand(3, 128, 128), torch.rand(3, 100, 120)], [EMPTY, EMPTY])
+    assert set(losses) == {"bbox_regression", "classification"}
+    loss = sum(losses.values())
+    assert torch.isfinite(loss)
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)
+
+
+def test_losses_decrease_on_a_dark_blob():
+    torch.manual_seed(0)
+    m = small("vgg16", fe=True)
+    m.train()
+    m.set_progress(0.25)
+    img, box = blob()
+    opt = torch.optim.Adam(m.parameters(), lr=1e-3)
+    history = []
+    for _ in range(20):
+        losses = m(
+            [img, img.flip(-1)],
+            [
+                target(box),
+                target(box[:, [2, 1, 0, 3]] * torch.tensor([-1, 1, -1, 1]) + torch.tensor([128, 0, 128, 0])),
+            ],
+        )
+        loss = sum(losses.values())
+        assert torch.isfinite(loss)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        history.append(loss.item())
+    assert sum(history[-3:]) / 3 < 0.5 * sum(history[:3]) / 3
+
+
+def test_set_progress_drives_alpha():
+    m = build_model(ModelConfig(**SMALL), FEConfig(enabled=True, schedule="cosine", alpha=2.0))
+    m.set_progress(0.0)
+    assert m.alpha == pytest.approx(2.0)
+    m.set_progress(0.5)
+    assert m.alpha == pytest.approx(1.0)
+    m.set_progress(3.0)
+    assert m.alpha == pytest.approx(0.0, abs=1e-12)
+
+
+def test_invalid_configs():
+    with pytest.raises(ValueError, match="backbone"):
+        build_model(ModelConfig(backbone="alexnet", **SMALL), FEConfig())
+    with pytest.raises(ValueError, match="size"):
+        build_model(ModelConfig(size=96, width=0.125), FEConfig())
+    with pytest.raises(ValueError, match="width"):
+        build_model(ModelConfig(pretrained=True, **SMALL), FEConfig())
+
+
+@pytest.mark.parametrize("backbone", ["vgg16", "resnet34", "mobilenet_v3"])
+def test_pretrained_without_cache_is_a_clear_error(backbone, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+
+    def no_network(*a, **k):
+        raise AssertionError("network access attempted")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_network)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+    with pytest.raises(FileNotFoundError) as err:
+        build_model(ModelConfig(backbone=backbone, size=128, width=1.0, pretrained=True), FEConfig())
+    assert str(tmp_path / "checkpoints") in str(err.value)
+    assert str(pretrained_path(backbone)) in str(err.value)
+
+
+@pytest.mark.parametrize("backbone", ["vgg16", "resnet34", "mobilenet_v3"])
+def test_pretrained_loads_from_local_cache(backbone, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    (tmp_path / "checkpoints").mkdir()
+    torch.manual_seed(3)
+    if backbone == "vgg16":
+        trunk = vgg.make_layers(vgg.cfgs["D"])
+        state, ref = {f"features.{k}": v for k, v in trunk.state_dict().items()}, trunk[0].weight
+    elif backbone == "resnet34":
+        net = resnet34()
+        state, ref = net.state_dict(), net.conv1.weight
+    else:
+        net = mobilenet_v3_large()
+        state, ref = net.state_dict(), net.features[0][0].weight
+    torch.save(state, pretrained_path(backbone))
+    m = build_model(ModelConfig(backbone=backbone, size=128, width=1.0, pretrained=True), FEConfig())
+    first = next(p for n, p in m.backbone.named_parameters() if p.dim() == 4)
+    torch.testing.assert_close(first, ref)
+    assert m.transform.image_std[0] == pytest.approx(1 / 255 if backbone == "vgg16" else 0.229)
+
+
+def test_checkpoint_round_trip(tmp_path):
+    a, b = small(), small()
+    torch.save(a.state_dict(), tmp_path / "model.pt")
+    torch.save({"model": a.state_dict(), "step": 3}, tmp_path / "checkpoint.pt")
+    for name in ("model.pt", "checkpoint.pt"):
+        load_checkpoint_weights(b, tmp_path / name)
+        for (k, v), w in zip(a.state_dict().items(), b.state_dict().values()):
+            assert torch.equal(v, w), k

@@ -1,0 +1,70 @@
+"""The study runner's checks, without executing any notebook."""
+
+import json
+
+import pytest
+
+from cmbfe import config, reproduce, study
+from cmbfe.config import ConfigError
+
+
+def test_every_notebook_has_a_parameters_cell_with_profile_and_no_outputs():
+    nbs = reproduce.notebooks()
+    assert [p.stem[:2] for p in nbs] == [f"{i:02d}" for i in range(1, len(nbs) + 1)]
+    for p in nbs:
+        names = reproduce.parameter_names(p)
+        assert "profile" in names, p
+        nb = json.loads(p.read_text())
+        assert not any(c.get("outputs") for c in nb["cells"] if c["cell_type"] == "code"), p
+
+
+@pytest.mark.parametrize("profile", config.PROFILES)
+def test_profile_keys_match_parameter_cells(profile):
+    cfg = config.load(profile)
+    reproduce.check_profile(cfg)  # raises on a misspelled key
+
+
+@pytest.mark.parametrize("profile", ["default", "paper"])
+def test_train_runs_listed_in_profile_match_the_main_grid(profile):
+    cfg = config.load(profile)
+    listed = cfg.notebooks.get("03_train", [])
+    listed = listed if isinstance(listed, list) else [listed]
+    assert sorted(map(json.dumps, listed)) == sorted(map(json.dumps, study.main_grid(cfg)))
+
+
+def test_misspelled_notebook_key_is_an_error():
+    cfg = config.load("smoke", ["notebooks={'01_data': {'profil': 'x'}}"])
+    with pytest.raises(ConfigError, match=r"notebooks.01_data sets \['profil'\]"):
+        reproduce.check_profile(cfg)
+    cfg = config.load("smoke", ["notebooks={'99_nope': {}}"])
+    with pytest.raises(ConfigError, match="no notebook 99_nope"):
+        reproduce.check_profile(cfg)
+
+
+def test_parameter_names_parses_without_executing(tmp_path):
+    nb = {"cells": [{"cell_type": "code", "metadata": {"tags": ["parameters"]},
+                     "source": ["profile = 'smoke'\n", "size: int | None = None\n", "import os; os._exit(3)\n"]}]}
+    p = tmp_path / "01_x.ipynb"
+    p.write_text(json.dumps(nb))
+    assert reproduce.parameter_names(p) == {"profile", "size"}
+    nb["cells"][0]["metadata"]["tags"] = []
+    p.write_text(json.dumps(nb))
+    with pytest.raises(ConfigError, match="no cell tagged 'parameters'"):
+        reproduce.parameter_names(p)
+
+
+def test_results_and_figures_of_non_default_profiles_are_separate():
+    smoke, default = config.load("smoke"), config.load("default")
+    assert study.results_dir(smoke).name == "smoke"
+    assert study.results_dir(default) == config.REPO_ROOT / "results"
+    assert study.figures_dir(smoke).parent == config.REPO_ROOT / "figures"
+
+
+def test_run_keys_separate_configurations():
+    cfg = config.load("smoke")
+    a = study.grid_config(cfg, fe=False, seed=0)
+    b = study.grid_config(cfg, fe=True, seed=0)
+    assert study.run_key(a) != study.run_key(b)
+    assert study.run_tag(b).endswith("fe-post_l2norm-constant-s0")
+    assert study.data_key(a) == study.data_key(b)
+    assert study.run_key(study.with_overrides(a, train__log_every=1)) == study.run_key(a)

@@ -1,0 +1,163 @@
+"""Training: loss decreases on an easy task, exact resume, weights_only checkpoints, CLI errors, timing."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+from test_data import make_pre
+
+from cmbfe import cli
+from cmbfe import config as C
+from cmbfe.config import ConfigError
+from cmbfe.data import SliceDataset, collate_fn
+from cmbfe.models import build_model
+from cmbfe.train import build_optimizer, fit, main, step_time
+
+TINY = [
+    "model.size=128",
+    "model.width=0.125",
+    "model.priors=cmb",
+    "model.backbone=vgg16",
+    "train.workers=0",
+    "train.seed=0",
+]
+
+
+@pytest.fixture(scope="module")
+def pre(tmp_path_factory):
+    return make_pre(tmp_path_factory.mktemp("pre"))
+
+
+@pytest.fixture(autouse=True)
+def one_thread(monkeypatch):
+    """One intra-op thread: tiny convs run faster than with 2 contending threads, and results are stable."""
+    monkeypatch.setenv("CMBFE_THREADS", "1")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _rows(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_smoke_training_loss_decreases(pre, tmp_path):
+    cfg = C.load(
+        None,
+        TINY
+        + [
+            "train.iterations=30",
+            "train.batch_size=4",
+            "train.log_every=1",
+            "train.lr=0.001",
+            "train.lr_steps=[]",
+            "train.checkpoint_every=0",
+            "augment.enabled=false",
+            "train.negatives_ratio=0.5",
+        ],
+    )
+    run = tmp_path / "run"
+    weights = fit(cfg, run, data=pre, progress=False)
+    assert weights == run / "model.pt" and weights.is_file()
+    rows = _rows(run / "log.csv")
+    assert [int(r["iteration"]) for r in rows] == list(range(1, 31))
+    losses = [float(r["loss"]) for r in rows]
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < 0.85 * first, (first, last)
+    r0 = rows[0]
+    assert abs(float(r0["bbox_loss"]) + float(r0["cls_loss"]) - float(r0["loss"])) < 1e-3 * float(r0["loss"])
+    assert float(r0["images_per_s"]) > 0 and float(rows[-1]["seconds"]) > 0
+    val = _rows(run / "val.csv")
+    assert len(val) == 1 and int(val[0]["iteration"]) == 30 and 0.0 <= float(val[0]["ap_voc"]) <= 1.0
+    info = json.loads((run / "model.json").read_text())
+    assert info["model"]["backbone"] == "vgg16" and info["timings"]["step_s_median"] > 0
+    assert C.load(run / "config.yaml").to_dict() == cfg.to_dict() | {"profile": cfg.profile}
+    state = torch.load(weights, weights_only=True)
+    build_model(cfg.model, cfg.fe).load_state_dict(state)
+
+
+def test_resume_is_bit_identical(pre, tmp_path):
+    over = TINY + [
+        "train.iterations=6",
+        "train.batch_size=2",
+        "train.log_every=1",
+        "train.checkpoint_every=3",
+        "train.lr_steps=[0.5]",
+        "train.val_every=3",
+        "fe.enabled=true",
+        "augment.p_affine=1.0",
+        "augment.p_blur=1.0",
+    ]
+    cfg = C.load(None, over)
+    straight = fit(cfg, tmp_path / "a", data=pre, progress=False)
+    ck = fit(cfg, tmp_path / "b", data=pre, progress=False, stop_after=3)
+    assert ck == tmp_path / "b" / "checkpoint.pt" and not (tmp_path / "b" / "model.pt").exists()
+    saved = torch.load(ck, weights_only=True)
+    assert saved["iteration"] == 3 and {"model", "optimizer", "scheduler", "rng", "config"} <= set(saved)
+    # a changed schedule-relevant key refuses to resume
+    with pytest.raises(ConfigError, match="train.lr"):
+        fit(C.load(None, over + ["train.lr=0.01"]), tmp_path / "b", data=pre, resume=True, progress=False)
+    resumed = fit(cfg, tmp_path / "b", data=pre, resume=True, progress=False)
+    a = torch.load(straight, weights_only=True)
+    b = torch.load(resumed, weights_only=True)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    rows = _rows(tmp_path / "b" / "log.csv")
+    assert [int(r["iteration"]) for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert rows == [
+        r | {"images_per_s": rows[i]["images_per_s"], "seconds": rows[i]["seconds"]}
+        for i, r in enumerate(_rows(tmp_path / "a" / "log.csv"))
+    ]
+    assert [int(r["iteration"]) for r in _rows(tmp_path / "b" / "val.csv")] == [3, 6]
+    final = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)
+    assert final["iteration"] == 6 and final["scheduler"]["last_epoch"] == 6
+
+
+def test_bad_set_key_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="train.iteratons"):
+        main(["--params", "smoke", "--set", "train.iteratons=5", "--out", str(tmp_path / "r")])
+    assert (
+        cli.main(["train", "--params", "smoke", "--set", "model.sise=128", "--out", str(tmp_path / "r")]) == 2
+    )
+    assert not (tmp_path / "r").exists()
+
+
+def test_cli_trains_and_missing_data_named(pre, tmp_path, capsys):
+    rc = cli.main(
+        [
+            "train",
+            "--params",
+            "smoke",
+            *[a for s in TINY for a in ("--set", s)],
+            "--set",
+            "train.iterations=2",
+            "--set",
+            "train.batch_size=2",
+            "--out",
+            str(tmp_path / "r"),
+            "--data",
+            str(pre),
+            "--no-progress",
+        ]
+    )
+    assert rc == 0 and (tmp_path / "r" / "model.pt").is_file()
+    rc = cli.main(
+        ["train", "--params", "smoke", "--out", str(tmp_path / "r2"), "--data", str(tmp_path / "none")]
+    )
+    assert rc == 2 and "annotations/train.json" in capsys.readouterr().err
+
+
+def test_step_time_and_schedule(pre):
+    cfg = C.load(None, TINY + ["train.iterations=12"])
+    model = build_model(cfg.model, cfg.fe)
+    opt, sched = build_optimizer(model, cfg.train)
+    assert sched.milestones == {8: 1, 10: 1}
+    images, targets = collate_fn([SliceDataset(pre, "val")[i] for i in range(2)])
+    t = step_time(model, images, targets, opt, repeats=2)
+    assert len(t["times_s"]) == 2 and t["median_s"] > 0 and t["batch"] == 2
