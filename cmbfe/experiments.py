@@ -75,7 +75,7 @@ def cross_validate(cfg: Config, pre: Path) -> pd.DataFrame:
         for fe in (False, True):
             c = study.with_overrides(cfg, fe__enabled=fe, train__iterations=its, train__val_every=0)
             run = study.ensure_run(c, data=d)
-            r = evaluate_run(c, run, d, ann=d / "annotations" / "test.json", bootstrap=0)
+            r = evaluate_run(c, run, d, bootstrap=0)
             row[f"AP {'SSD-FE' if fe else 'SSD'}"] = r["metrics"]["ap_voc"]
             row["test patients"] = r["metrics"]["n_patients"]
             row["test CMBs"] = r["metrics"]["n_gt"]

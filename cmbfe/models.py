@@ -298,7 +298,7 @@ BACKBONES: dict[str, Callable[..., SSDBackbone]] = {
 }
 
 
-def prior_spec(priors: str, n_maps: int) -> tuple[list[list[int]], list[float]]:
+def prior_spec(priors: str, n_maps: int, fmap_sizes: list[int] | None = None) -> tuple[list[list[int]], list[float]]:
     """(aspect ratios per map, ``n_maps + 1`` scales as fractions of the input side) for a prior set.
 
     ``paper``: SSD eq. 4 -- 0.1 on the first map, then 0.2 .. 0.9 linearly, 1.05 closing; aspect
@@ -306,6 +306,9 @@ def prior_spec(priors: str, n_maps: int) -> tuple[list[list[int]], list[float]]:
     ``cmb``: 2-10 mm CMBs; scales in mm ``3.0 * 1.6**k`` (3, 4.8, 7.7, 12.3, 19.7, 31.5, 50, 80 mm)
     over the 240 mm FOV; aspect ratio 2 on the first two maps only, none on coarser ones (4 boxes per
     location on maps 1-2, 2 elsewhere). First-map boxes: 3.0 and 3.8 mm squares, 4.2 x 2.1 mm.
+    With ``fmap_sizes`` given, no 'cmb' scale is smaller than its map's stride (``1 / fmap_size`` of the
+    input): anchors narrower than the anchor spacing leave CMBs overlapping no anchor at all, and SSD's
+    best-anchor matcher then assigns such a box to an arbitrary (zero-IoU) anchor with huge offsets.
     """
     if n_maps < 3:
         raise ValueError(f"need at least 3 feature maps, got {n_maps}")
@@ -314,6 +317,10 @@ def prior_spec(priors: str, n_maps: int) -> tuple[list[list[int]], list[float]]:
         ratios = [[2] if k == 0 or k >= n_maps - 2 else [2, 3] for k in range(n_maps)]
     elif priors == "cmb":
         scales = [CMB_PRIOR_MIN_MM * CMB_PRIOR_RATIO**k / FOV_MM for k in range(n_maps + 1)]
+        if fmap_sizes is not None:
+            floor = [1.0 / f for f in fmap_sizes] + [1.0 / fmap_sizes[-1]]
+            scales = [max(s, f) for s, f in zip(scales, floor)]
+            scales = [max(scales[: k + 1]) for k in range(len(scales))]
         ratios = [[2] if k < CMB_AR_MAPS else [] for k in range(n_maps)]
     else:
         raise ValueError(f"unknown priors {priors!r} (allowed: paper, cmb)")
@@ -330,7 +337,7 @@ class CMBDetector(SSD):
     def __init__(self, backbone: SSDBackbone, model_cfg: ModelConfig, fe_cfg: FEConfig, **kwargs: Any):
         size = model_cfg.size
         shapes = [tuple(v.shape[1:]) for v in _meta_out(backbone, 3, size, backbone.dry_run_device).values()]
-        ratios, scales = prior_spec(model_cfg.priors, len(shapes))
+        ratios, scales = prior_spec(model_cfg.priors, len(shapes), [int(s[-1]) for s in shapes])
         anchors = DefaultBoxGenerator(ratios, scales=scales, steps=None)
         channels = [int(s[0]) for s in shapes]
         n_anchors = anchors.num_anchors_per_location()

@@ -23,17 +23,17 @@ PAPER = f"({paper.LABEL})"
 RUN = "(this run)"
 
 
-def evaluate_run(cfg: Config, run_dir: Path, pre: Path, *, ann: Path | None = None,
+def evaluate_run(cfg: Config, run_dir: Path, pre: Path, *, split: str = "test",
                  bootstrap: int | None = None) -> dict[str, Any]:
-    """Evaluate ``run_dir``'s model on the test split (or COCO file ``ann``) of ``pre``.
+    """Evaluate ``run_dir``'s model on ``PRE/annotations/<split>.json``.
 
     Returns ``metrics`` (the ``cmbfe evaluate`` dict, bootstrap CIs included), ``curve``, ``boot``
     (:class:`cmbfe.stats.BootData`), ``gt``, ``dets`` and ``coco`` (the GT JSON).
     """
-    gt_path = Path(ann) if ann is not None else Path(pre) / "annotations" / "test.json"
+    gt_path = Path(pre) / "annotations" / f"{split}.json"
     coco = json.loads(gt_path.read_text())
     gt = E.gt_from_coco(coco, str(gt_path))
-    dets = E.dets_from_coco(study.ensure_predictions(run_dir, pre, ann=ann), gt, f"{run_dir}/dets")
+    dets = E.dets_from_coco(study.ensure_predictions(run_dir, pre, split), gt, f"{run_dir}/dets")
     objects = E.load_slice_objects(Path(pre) / "slice_objects.csv", gt)
     n_boot = cfg.eval.bootstrap if bootstrap is None else bootstrap
     res = E.evaluate(gt, dets, match=cfg.eval.match, iou=cfg.eval.iou, radius_mm=cfg.eval.radius_mm,
@@ -242,9 +242,11 @@ def fe_examples(run_dir: Path, pre: Path, n: int = 3) -> dict[str, Any]:
     import torch
 
     from cmbfe.data import SliceDataset
+    from cmbfe.config import load
     from cmbfe.predict import load_model
 
-    model, cfg = load_model(run_dir)
+    model = load_model(run_dir)
+    cfg = load(Path(run_dir) / "config.yaml")
     ds = SliceDataset(pre, "test", input=cfg.model.input)
     boxes = [ds.target(i)["boxes"] for i in range(len(ds))]
     area = [float(((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])).sum()) if len(b) else 0.0 for b in boxes]

@@ -5,7 +5,7 @@ smoke profile (so nbval runs it quickly). For profile P the runner injects ``pro
 flat keys of ``params/P.yaml``'s ``notebooks: {NN_name: {...}}`` section, after checking every key
 against the names assigned in the parameters cell (papermill itself only logs unknown ones).
 
-Executed copies go to ``results/notebooks/<profile>/``. A notebook whose source, parameters, profile
+Executed copies go to ``results/notebooks/`` (``results/<profile>/notebooks/`` for non-default profiles). A notebook whose source, parameters, profile
 config and package code are unchanged since its last successful run is skipped unless ``--force``.
 A failure names the notebook and the cell and leaves earlier results in place.
 """
@@ -165,7 +165,7 @@ def reproduce(profile: str, *, only: list[str] | None = None, force: bool = Fals
         if missing:
             raise ConfigError(f"--only {sorted(missing)}: no such notebook")
         nbs = [p for p in nbs if p.stem in names or p.stem.split("_", 1)[0] in names]
-    out_dir = results_dir(cfg) / "notebooks" / cfg.profile
+    out_dir = results_dir(cfg) / "notebooks"
     out_dir.mkdir(parents=True, exist_ok=True)
     stamps_path = out_dir / "stamps.json"
     stamps = json.loads(stamps_path.read_text()) if stamps_path.exists() else {}

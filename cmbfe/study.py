@@ -120,16 +120,18 @@ def ensure_run(cfg: Config, *, data: str | Path | None = None, progress: bool = 
     return run_dir
 
 
-def ensure_predictions(run_dir: Path, pre: Path, split: str = "test", *, ann: Path | None = None) -> list[dict]:
-    """COCO-results detections of ``run_dir``'s model on a split (cached as ``dets_<split>.json``)."""
+def ensure_predictions(run_dir: Path, pre: Path, split: str = "test") -> list[dict]:
+    """COCO-results detections of ``run_dir``'s model on ``PRE/annotations/<split>.json`` (cached in the run
+    folder as ``dets_<split>.json``)."""
+    from cmbfe.config import load
     from cmbfe.predict import load_model, predict
 
-    name = split if ann is None else Path(ann).stem
-    path = Path(run_dir) / f"dets_{name}.json"
+    path = Path(run_dir) / f"dets_{split}.json"
     if path.exists():
         return json.loads(path.read_text())
-    model, cfg = load_model(run_dir)
-    dets = predict(model, pre, split if ann is None else ann, input=cfg.model.input, batch_size=8)
+    model = load_model(run_dir)
+    cfg = load(Path(run_dir) / "config.yaml")
+    dets = predict(model, pre, split, input=cfg.model.input, batch_size=8)
     atomic_write_json(path, dets, indent=None)
     return dets
 

@@ -35,20 +35,24 @@ GAMMA_MHZ_T = 42.577478
 FOV_CENTRE_LPS = (0.0, 17.0)  # in-plane centre of the FOV (MNI y = -17 mm)
 SIM_MAX = 256  # the physics grid has at most this many pixels across the FOV
 X_HALF = 104.0  # the simulation grid is cropped to |x| <= X_HALF mm (the head)
-TEMPLATE_VERSION = 1  # bump when _make_template changes (disk cache key)
+TEMPLATE_VERSION = 2  # bump when _make_template changes (disk cache key)
 Z_MARGIN = 4  # extra sub-slices simulated above and below the slab
 FLIP = np.array([-1.0, -1.0, 1.0])  # LPS <-> RAS
 # deep nuclei (MNI RAS centre of the right one, semi-axes mm, chi ppm, R2* 1/s); all bilateral
 NUCLEI = {
-    "putamen": ((25, 3, 2), (5.5, 13, 8), 0.038, 30.0), "globus_pallidus": ((19, -2, 0), (4.5, 9, 5.5), 0.131, 40.0),
-    "caudate": ((13, 12, 10), (4.5, 8, 7), 0.044, 25.0), "thalamus": ((11, -18, 7), (7, 11, 7), 0.020, 21.0),
+    "putamen": ((25, 3, 2), (5.5, 13, 8), 0.038, 30.0),
+    "globus_pallidus": ((19, -2, 0), (4.5, 9, 5.5), 0.131, 40.0),
+    "caudate": ((13, 12, 10), (4.5, 8, 7), 0.044, 25.0),
+    "thalamus": ((11, -18, 7), (7, 11, 7), 0.020, 21.0),
     "red_nucleus": ((5, -19, -8), (2.5, 3, 3), 0.100, 38.0),
-    "substantia_nigra": ((11, -17, -12), (3, 6, 2.5), 0.111, 38.0), "dentate": ((15, -57, -34), (6, 8, 5), 0.152, 35.0),
+    "substantia_nigra": ((11, -17, -12), (3, 6, 2.5), 0.111, 38.0),
+    "dentate": ((15, -57, -34), (6, 8, 5), 0.152, 35.0),
 }
 # air (MNI RAS centre, semi-axes mm, chi ppm); mastoids bilateral; kept >= 4 mm outside the intracranial mask
-AIR = {"frontal_sinus": ((0, 76, 4), (13, 8, 11), 9.2), "sphenoid_sinus": ((0, 14, -40), (10, 11, 8), 9.2),
+AIR = {"frontal_sinus": ((0, 76, 4), (13, 8, 11), 9.2), "sphenoid_sinus": ((0, 18, -44), (9, 10, 7), 9.2),
        "ethmoid": ((0, 42, -30), (9, 13, 9), 9.2), "mastoid": ((50, -32, -48), (8, 11, 8), 4.0)}
-CALC_SITES = {"globus_pallidus": (19, -2, 0), "pineal": (0, -31, 4), "choroid_plexus": (28, -42, 14), "dentate": (15, -57, -34)}
+CALC_SITES = {"globus_pallidus": (19, -2, 0), "pineal": (0, -31, 4), "choroid_plexus": (28, -42, 14),
+              "dentate": (15, -57, -34)}
 BRAINSTEM = ((0, -27, -30), (12, 14, 22))
 LOBAR_SPLIT = {"lobar": 33, "subcortical_wm": 40}
 DEEP_SPLIT = {"cerebellum": 8, "basal_ganglia": 8, "thalamus": 5, "brainstem": 4}
@@ -56,7 +60,8 @@ DEEP_SPLIT = {"cerebellum": 8, "basal_ganglia": 8, "thalamus": 5, "brainstem": 4
 BIG_VEINS = {
     "internal_cerebral": ([(2, 2, 17), (2, -18, 16), (1, -38, 8), (0, -46, 4)], 1.3),
     "straight_sinus": ([(0, -46, 4), (0, -70, 0), (0, -96, -4)], 2.2),
-    "transverse_sinus": ([(0, -100, -6), (28, -98, -10), (48, -78, -22), (55, -52, -36), (46, -34, -52)], 3.0),
+    "transverse_sinus": ([(0, -100, -6), (28, -98, -10), (48, -78, -22), (55, -52, -36), (46, -34, -52)],
+                         3.0),
 }
 
 
@@ -83,14 +88,15 @@ def _template() -> dict:
     except (OSError, KeyError, ValueError):
         pass
     tpl = _make_template()
+    tpl["stack"] = tpl["stack"].astype(np.float16)  # as stored: same results with a cold or a warm cache
     try:
         f.parent.mkdir(parents=True, exist_ok=True)
         tmp = f.with_name(f"{f.stem}.{os.getpid()}.tmp.npz")
-        np.savez(tmp, stack=tpl["stack"].astype(np.float16), affine=tpl["affine"], sss=tpl["sss"])
+        np.savez(tmp, stack=tpl["stack"], affine=tpl["affine"], sss=tpl["sss"])
         os.replace(tmp, f)
     except OSError:
         pass
-    return tpl
+    return {**tpl, "stack": tpl["stack"].astype(np.float32)}
 
 
 def _make_template() -> dict:
@@ -107,15 +113,17 @@ def _make_template() -> dict:
     encl = np.stack([ndi.binary_fill_holes(near[:, :, z]) for z in range(near.shape[2])], 2) & ~near
     t1s = ndi.gaussian_filter(t1, 1.0) / max(float(t1.max()), 1e-6)
     stack = np.stack([gm, wm, t1s, dist, encl.astype(np.float32)]).transpose(0, 3, 2, 1)  # C, Z, Y, X
-    # superior sagittal sinus: 4 mm outside the midline intracranial boundary, front to torcula
-    mid, aff = ic[int(round(-img.affine[0, 3])) - 3:int(round(-img.affine[0, 3])) + 4].any(0), img.affine
+    # superior sagittal sinus: 1.5 mm outside the midline intracranial boundary, front to torcula
+    aff = img.affine
+    x0 = round(-aff[0, 3])
+    mid = ic[x0 - 3 : x0 + 4].any(0)
     cy, cz = -18.0 - aff[1, 3], 12.0 - aff[2, 3]
     ang = np.deg2rad(np.arange(5.0, 215.0, 2.0))
     rs = np.arange(0.0, 140.0, 0.5)
     yy = np.clip(np.round(cy + np.cos(ang)[:, None] * rs), 0, mid.shape[0] - 1).astype(int)
     zz = np.clip(np.round(cz + np.sin(ang)[:, None] * rs), 0, mid.shape[1] - 1).astype(int)
-    rb = ndi.gaussian_filter1d(np.array([rs[np.flatnonzero(m)].max() for m in mid[yy, zz]]), 2.0) + 4.0
-    sss = np.stack([np.zeros_like(ang), cy + aff[1, 3] + np.cos(ang) * rb, cz + aff[2, 3] + np.sin(ang) * rb], 1)
+    rb = ndi.gaussian_filter1d(np.array([rs[np.flatnonzero(m)].max() for m in mid[yy, zz]]), 2.0) + 1.5
+    sss = np.stack([0 * ang, cy + aff[1, 3] + np.cos(ang) * rb, cz + aff[2, 3] + np.sin(ang) * rb], 1)
     return {"stack": np.ascontiguousarray(stack), "affine": aff, "sss": sss}
 
 
@@ -149,7 +157,7 @@ class _Geom:
 def _geometry(cfg: SynthConfig) -> _Geom:
     n, dz = cfg.matrix, cfg.slice_mm
     px = cfg.fov_mm / n
-    nsl = int(round((cfg.z_range_mm[1] - cfg.z_range_mm[0]) / dz))
+    nsl = round((cfg.z_range_mm[1] - cfg.z_range_mm[0]) / dz)
     x0, y0 = FOV_CENTRE_LPS[0] - cfg.fov_mm / 2, FOV_CENTRE_LPS[1] - cfg.fov_mm / 2
     aff = np.diag([px, px, dz, 1.0])
     aff[:3, 3] = (x0 + px / 2, y0 + px / 2, cfg.z_range_mm[0] + dz / 2)
@@ -171,14 +179,15 @@ class _Warp:
     """Patient LPS mm -> MNI RAS mm: scaled rotation + translation + a smooth random displacement."""
 
     def __init__(self, rng: np.random.Generator, cfg: SynthConfig, g: _Geom):
-        a, b, c = np.deg2rad(rng.uniform(-6, 6)), np.deg2rad(rng.uniform(-3, 3)), np.deg2rad(rng.uniform(-5, 5))
+        a, b, c = np.deg2rad(rng.uniform([-6, -3, -5], [6, 3, 5]))
         rx = np.array([[1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]])
         ry = np.array([[np.cos(b), 0, np.sin(b)], [0, 1, 0], [-np.sin(b), 0, np.cos(b)]])
         rz = np.array([[np.cos(c), -np.sin(c), 0], [np.sin(c), np.cos(c), 0], [0, 0, 1]])
         self.m = rz @ ry @ rx @ np.diag(rng.uniform(0.92, 1.06) * rng.uniform(0.97, 1.03, 3))
         self.t = rng.uniform([-4, -4, -3], [4, 4, 3])
         lo, hi = g.origin, g.sim_to_lps(np.array(g.shape[::-1]) - 1)
-        self.nodes = [np.linspace(lo[d], hi[d], max(2, int(np.ceil((hi[d] - lo[d]) / 16.0)) + 1)) for d in range(3)]
+        n_nodes = [max(2, int(np.ceil((hi[d] - lo[d]) / 16.0)) + 1) for d in range(3)]  # ~16 mm apart
+        self.nodes = [np.linspace(lo[d], hi[d], n_nodes[d]) for d in range(3)]
         c = rng.standard_normal((3, *(len(q) for q in self.nodes[::-1])))  # component, z, y, x
         c = np.stack([ndi.gaussian_filter(ci, 1.0, mode="nearest") for ci in c])
         self.ctrl = (c * cfg.warp_mm / np.sqrt(3.0) / max(float(c.std()), 1e-6)).astype(np.float32)
@@ -254,26 +263,27 @@ def _walk(rng, g: _Geom, dist: np.ndarray, seeds: np.ndarray, steps: np.ndarray,
     n, pos = len(seeds), seeds.copy()
     nrm = normal(pos)
     d = rng.standard_normal((n, 3)) + (1.5 * nrm if medullary else 0.0)
-    out, alive = [pos.copy()], np.ones(n, bool)
+    out, alive, length = [pos.copy()], np.ones(n, bool), np.ones(n, int)
     for it in range(int(steps.max()) if n else 0):
         nrm = normal(pos)
         d = d / np.linalg.norm(d, axis=1, keepdims=True) + 0.22 * rng.standard_normal((n, 3))
         if medullary:
-            d += 0.35 * nrm
+            d += 0.35 * nrm * [1.0, 1.0, 0.3]
         else:
-            d -= (np.sum(d * nrm, 1, keepdims=True) + 0.5 * (look(pos) + 1.0)[:, None]) * nrm
+            d -= (np.sum(d * nrm, 1, keepdims=True) + 0.5 * (look(pos) + 2.5)[:, None]) * nrm
         d /= np.maximum(np.linalg.norm(d, axis=1, keepdims=True), 1e-6)
         pos = pos + 0.7 * d * alive[:, None]
+        length += alive
         alive &= (it + 1 < steps) & (look(pos) < (-3.0 if medullary else 1.5))
         out.append(pos.copy())
         if not alive.any():
             break
     pts = np.stack(out, 1)
-    return [pts[v, : int(min(steps[v], pts.shape[1]))] for v in range(n)]
+    return [pts[v, : length[v]] for v in range(n)]
 
 
 def _splat(g: _Geom, veins: list) -> tuple[np.ndarray, np.ndarray]:
-    """Rasterise tubes with partial volume (cross-section disk samples splatted trilinearly):
+    """Rasterise tubes with partial volume (dense cross-section disk samples binned to voxels):
     returns (blood fraction, chi contribution) on the simulation grid."""
     pos, wts, chis = [], [], []
     vox = float(np.prod(g.step))
@@ -281,12 +291,12 @@ def _splat(g: _Geom, veins: list) -> tuple[np.ndarray, np.ndarray]:
         p = v["pts"]
         if len(p) < 2:
             continue
-        p = np.insert(v["pts"], np.arange(1, len(v["pts"])), (v["pts"][1:] + v["pts"][:-1]) / 2, axis=0)
+        r = v["radius"]
+        h = float(np.clip(r / 2, 0.3, 0.6))
+        p = _resample(p, h)
         t = np.gradient(p, axis=0)
         ds = np.linalg.norm(t, axis=1)
         t /= np.maximum(ds, 1e-6)[:, None]
-        r = v["radius"]
-        h = min(0.35, r)
         o = np.arange(-r + h / 2, r, h)
         oo = np.array([(a, b) for a in o for b in o if a * a + b * b <= r * r] or [(0.0, 0.0)])
         e1 = np.cross(t, [0.3, 0.5, 0.81])
@@ -299,19 +309,15 @@ def _splat(g: _Geom, veins: list) -> tuple[np.ndarray, np.ndarray]:
     n = int(np.prod(g.shape))
     if not pos:
         return np.zeros(g.shape, np.float32), np.zeros(g.shape, np.float32)
-    v = g.lps_to_sim(np.concatenate(pos))
+    v = np.round(g.lps_to_sim(np.concatenate(pos))).astype(np.int64)  # samples are dense: nearest voxel
     w0, c0 = np.concatenate(wts), np.concatenate(chis)
-    f = np.floor(v).astype(int)
-    fr = v - f
-    corners = np.array([[(c >> d) & 1 for d in range(3)] for c in range(8)])
-    idx = (f[:, None, :] + corners[None]).reshape(-1, 3)
-    w = (w0[:, None] * np.prod(np.where(corners[None], fr[:, None, :], 1 - fr[:, None, :]), axis=2)).ravel()
-    ok = np.all((idx >= 0) & (idx < np.array(g.shape[::-1])), axis=1)
-    flat = np.ravel_multi_index((idx[ok, 2], idx[ok, 1], idx[ok, 0]), g.shape)
-    acc = np.bincount(flat, w[ok], n)
-    accc = np.bincount(flat, (w * np.repeat(c0, 8))[ok], n)
+    ok = np.all((v >= 0) & (v < np.array(g.shape[::-1])), axis=1)
+    flat = np.ravel_multi_index((v[ok, 2], v[ok, 1], v[ok, 0]), g.shape)
+    acc = np.bincount(flat, w0[ok], n)
+    accc = np.bincount(flat, (w0 * c0)[ok], n)
     scale = 1.0 / np.maximum(acc, 1.0)
-    return (acc * scale).reshape(g.shape).astype(np.float32), (accc * scale).reshape(g.shape).astype(np.float32)
+    return ((acc * scale).reshape(g.shape).astype(np.float32),
+            (accc * scale).reshape(g.shape).astype(np.float32))
 
 
 def _resample(poly: np.ndarray, step: float = 0.7) -> np.ndarray:
@@ -339,9 +345,10 @@ def _anatomy(rng, cfg: SynthConfig, g: _Geom, warp: _Warp, tpl: dict) -> dict:
     deep = np.clip(encl, 0, 1) * np.clip(dist - t_sc + 0.5, 0, 1)
     mg, mw, mc, ms = (rng.uniform(0.92, 1.08) * v for v in (0.66, 0.80, 1.0, 0.75))
     rg, rw = rng.uniform(17, 20), rng.uniform(20, 22)
-    m0 = (gm * mg + wm * mw) * (0.94 + 0.12 * t1s) + (csf + ocsf) * mc + skull * 0.04 + scalp * ms + deep * 0.12
-    wsum = gm + wm + csf + ocsf + skull + scalp + deep
-    r2 = (gm * rg + wm * rw + (csf + ocsf) * 3.0 + skull * 300.0 + scalp * 25.0 + deep * 100.0) / np.maximum(wsum, 1e-3)
+    m0 = (gm * mg + wm * mw) * (0.94 + 0.12 * t1s) + (csf + ocsf) * mc
+    m0 += skull * 0.04 + scalp * ms + deep * 0.12
+    wsum = np.maximum(gm + wm + csf + ocsf + skull + scalp + deep, 1e-3)
+    r2 = (gm * rg + wm * rw + (csf + ocsf) * 3.0 + skull * 300.0 + scalp * 25.0 + deep * 100.0) / wsum
     chi = gm * 0.02 - wm * 0.03
     label = np.zeros(g.shape, np.uint8)
     iron = rng.uniform(1.0, 1.6)
@@ -371,7 +378,8 @@ def _anatomy(rng, cfg: SynthConfig, g: _Geom, warp: _Warp, tpl: dict) -> dict:
                     area = np.bincount(zz).max() * g.s * g.s
                     p = g.sim_to_lps(np.stack([xx, yy, zz], 1).mean(0) + lo)
                     mimics.append(("air", name, p, 2.0 * np.sqrt(area / np.pi)))
-    return dict(mni=mni, gm=gm, wm=wm, csf=csf, dist=dist, m0=m0, r2=r2, chi=chi, label=label, mimics=mimics)
+    return {"mni": mni, "gm": gm, "wm": wm, "csf": csf, "dist": dist, "m0": m0, "r2": r2, "chi": chi,
+            "label": label, "mimics": mimics}
 
 
 def _veins(rng, cfg: SynthConfig, g: _Geom, warp: _Warp, tpl: dict, an: dict) -> list[dict]:
@@ -386,20 +394,23 @@ def _veins(rng, cfg: SynthConfig, g: _Geom, warp: _Warp, tpl: dict, an: dict) ->
         z, y, x = np.unravel_index(rng.choice(idx, n, replace=len(idx) < n), mask.shape)
         return g.sim_to_lps(np.stack([2 * x, 2 * y, 2 * z + Z_MARGIN], 1) + rng.uniform(-0.5, 0.5, (n, 3)))
 
-    n_cort = int(round(0.6 * cfg.veins))
+    n_cort = round(0.6 * cfg.veins)
     cort = seeds((ds > -2.0) & (ds < 0.5), n_cort)
     cs = an["csf"][sub]
-    med = seeds((cs > 0.1) & (cs < 0.5) & (an["wm"][sub] > 0.4) & (ds < -14.0) & (an["label"][sub] == 0), cfg.veins - n_cort)
-    out = [dict(pts=p, radius=rng.uniform(0.4, 1.0), kind="cortical")
-           for p in _walk(rng, g, an["dist"], cort, rng.integers(20, 81, len(cort)), False)]
-    out += [dict(pts=p, radius=rng.uniform(0.3, 0.6), kind="medullary")
+    med = seeds((cs > 0.1) & (cs < 0.5) & (an["wm"][sub] > 0.4) & (ds < -14.0) & (an["label"][sub] == 0)
+                & (np.abs(an["mni"][0][sub]) > 12), cfg.veins - n_cort)
+    out = [{"pts": p, "radius": rng.uniform(0.4, 1.0), "kind": "cortical"}
+           for p in _walk(rng, g, an["dist"], cort, rng.integers(40, 121, len(cort)), False)]
+    out += [{"pts": p, "radius": rng.uniform(0.3, 0.6), "kind": "medullary"}
             for p in _walk(rng, g, an["dist"], med, rng.integers(20, 46, len(med)), True)]
     big = [("sinus", tpl["sss"], 3.2)]
     for name, (poly, r) in BIG_VEINS.items():
         poly = np.array(poly, float)
-        big += [("sinus" if "sinus" in name else "deep", poly * [s, 1, 1], r) for s in ((1, -1) if poly[:, 0].any() else (1,))]
+        sides = (1, -1) if poly[:, 0].any() else (1,)
+        big += [("sinus" if "sinus" in name else "deep", poly * [s, 1, 1], r) for s in sides]
     for kind, poly, r in big:
-        out.append(dict(pts=warp.to_lps(_resample(np.asarray(poly, float), 1.5)), radius=r * rng.uniform(0.85, 1.15), kind=kind))
+        pts = warp.to_lps(_resample(np.asarray(poly, float), 1.5))
+        out.append({"pts": pts, "radius": r * rng.uniform(0.85, 1.15), "kind": kind})
     for v in out:
         v["pts"] = _resample(v["pts"], 0.7) if len(v["pts"]) > 1 else v["pts"]
         v["dchi"] = 3.39 * rng.uniform(0.38, 0.45) * (1.0 - rng.uniform(0.55, 0.70))
@@ -446,8 +457,8 @@ def _to_output(g: _Geom, sig: np.ndarray, extra: list[np.ndarray]) -> tuple[np.n
     if g.nx != g.ns:
         import torch
 
-        full = torch.nn.functional.interpolate(torch.from_numpy(full), size=(g.nx, g.nx), mode="bilinear",
-                                               align_corners=False).numpy()
+        full = torch.nn.functional.interpolate(
+            torch.from_numpy(full), size=(g.nx, g.nx), mode="bilinear", align_corners=False).numpy()
     return full[:, 0] + 1j * full[:, 1], [full[:, 2 + c] for c in range(len(extra))]
 
 
@@ -477,7 +488,8 @@ def _sphere(c, a: float, dchi: float, g: _Geom, w: float) -> tuple[tuple, np.nda
     zk = (np.arange(lo[2], hi[2]) - c[2]) * g.dz
     rr = np.arange(0.25, 10.0, 0.05)
     err = ((np.sqrt(np.clip(rr[:, None] ** 2 - zk[None, :] ** 2, 0, None)) - rho[None, :]) ** 2).sum(1)
-    return (slice(lo[2], hi[2]), slice(lo[1], hi[1]), slice(lo[0], hi[0])), f, 2.0 * float(rr[np.argmin(err)])
+    diam = max(2.0 * float(rr[np.argmin(err)]), g.px)  # at least a pixel (coarse matrices)
+    return (slice(lo[2], hi[2]), slice(lo[1], hi[1]), slice(lo[0], hi[0])), f, diam
 
 
 def _place_cmbs(rng, cfg: SynthConfig, g: _Geom, an: dict, veins: list[dict]) -> list[tuple]:
@@ -487,7 +499,8 @@ def _place_cmbs(rng, cfg: SynthConfig, g: _Geom, an: dict, veins: list[dict]) ->
     if rng.random() < cfg.p_no_cmb:
         return []
     m = max(cfg.cmb_mean - 1.0, 1e-3)
-    n = min(1 + int(rng.negative_binomial(cfg.cmb_dispersion, cfg.cmb_dispersion / (cfg.cmb_dispersion + m))), cfg.cmb_max)
+    k = cfg.cmb_dispersion
+    n = min(1 + int(rng.negative_binomial(k, k / (k + m))), cfg.cmb_max)
     sub = (slice(Z_MARGIN + 2, Z_MARGIN + 2 * g.nsl - 2, 2), slice(None, None, 2), slice(None, None, 2))
     gm, wm, csf, dist, lab = (an[k][sub] for k in ("gm", "wm", "csf", "dist", "label"))
     mni = an["mni"][(slice(None),) + sub]
@@ -496,7 +509,7 @@ def _place_cmbs(rng, cfg: SynthConfig, g: _Geom, an: dict, veins: list[dict]) ->
     par = (gm + wm > 0.85) & (csf < 0.1) & (dist < -3.0)
     supra = par & ~infra & ~bs & (lab == 0) & (mni[2] > -25)
     masks = {"lobar": supra & (gm > 0.35) & (wm > 0.2), "subcortical_wm": supra & (wm > 0.85) & (dist < -8.0),
-             "basal_ganglia": par & (lab >= 1) & (lab <= 3), "thalamus": par & (lab == 4),
+             "basal_ganglia": par & (lab >= 1) & (lab <= 3), "thalamus": par & (lab == 4),  # NUCLEI codes
              "cerebellum": par & infra, "brainstem": par & bs & (dist < -4.0)}
     names = list(LOBAR_SPLIT) + list(DEEP_SPLIT)
     p = np.array([cfg.p_lobar * v / sum(LOBAR_SPLIT.values()) for v in LOBAR_SPLIT.values()]
@@ -527,11 +540,11 @@ def _place_cmbs(rng, cfg: SynthConfig, g: _Geom, an: dict, veins: list[dict]) ->
 
 
 def _vein_dots(g: _Geom, veins: list[dict]) -> list[tuple]:
-    """Where a vein (radius >= 0.3 mm) crosses a slice centre within 30 deg of the slice normal."""
+    """Where a vein (radius >= 0.45 mm, visible) crosses a slice centre within 30 deg of the normal."""
     z0, out = g.affine[2, 3], []
     for v in veins:
         p = v["pts"]
-        if v["radius"] < 0.3 or len(p) < 5:
+        if v["radius"] < 0.45 or len(p) < 5:
             continue
         d = np.zeros_like(p)
         d[2:-2] = p[4:] - p[:-4]
@@ -539,7 +552,8 @@ def _vein_dots(g: _Geom, veins: list[dict]) -> list[tuple]:
         za, zb = p[:-1, 2], p[1:, 2]
         k = np.ceil((np.minimum(za, zb) - z0) / g.dz).astype(int)
         zk = z0 + k * g.dz
-        hit = (zk <= np.maximum(za, zb)) & (za != zb) & (k >= 0) & (k < g.nsl) & (cos[:-1] >= np.cos(np.pi / 6))
+        hit = (zk <= np.maximum(za, zb)) & (za != zb) & (k >= 0) & (k < g.nsl)
+        hit &= cos[:-1] >= np.cos(np.pi / 6)
         seen = set()
         for s in np.flatnonzero(hit):
             if k[s] not in seen:
@@ -554,12 +568,10 @@ def _finish(rng, cfg: SynthConfig, g: _Geom, sig: np.ndarray, wm: np.ndarray) ->
     scaling to integers 0..4095 (white matter median -> 1000)."""
     u = ((np.arange(g.nx) + 0.5) / g.nx * 2 - 1).astype(np.float32)
     t = ((np.arange(g.nsl) + 0.5) / g.nsl * 2 - 1).astype(np.float32)
-    terms = [(u, None, None), (None, u, None), (None, None, t), (u**2, None, None), (None, u**2, None),
-             (None, None, t**2), (u, u, None), (u, None, t), (None, u, t)]
+    x, y, z = u[None, None, :], u[None, :, None], t[:, None, None]
     bias = np.zeros(sig.shape, np.float32)
-    for coef, (bx, by, bz) in zip(rng.standard_normal(len(terms)), terms):
-        bias += np.float32(coef) * ((bz[:, None, None] if bz is not None else 1) * (by[None, :, None] if by is not None else 1)
-                                    * (bx[None, None, :] if bx is not None else 1))
+    for coef, term in zip(rng.standard_normal(9), (x, y, z, x * x, y * y, z * z, x * y, x * z, y * z)):
+        bias += np.float32(coef) * term  # a random smooth quadratic
     head = np.abs(sig) > 0.05 * np.abs(sig).max()
     bias -= np.median(bias[head])
     bias *= np.float32(0.5 / max(float(np.abs(bias[head]).max()), 1e-6))
@@ -598,7 +610,8 @@ def synthesize_patient(index: int, cfg: SynthConfig) -> Volume:
         c = g.lps_to_out(pt)
         sl, f, diam = _sphere(c, a, dchi, g, w)
         sig[sl] *= f
-        lesions.append(SynthLesion(n, tuple(float(v) for v in c), diam, "cmb", loc, radius_true_mm=a, dchi_ppm=dchi))
+        lesions.append(SynthLesion(n, tuple(float(v) for v in c), diam, "cmb", loc, radius_true_mm=a,
+                                   dchi_ppm=dchi))
     found = []
     for _ in range(int(rng.integers(cfg.calcifications[0], cfg.calcifications[1] + 1))):
         site = list(CALC_SITES)[int(rng.integers(len(CALC_SITES)))]
@@ -621,7 +634,8 @@ def synthesize_patient(index: int, cfg: SynthConfig) -> Volume:
 
 LESION_COLUMNS = ["lesion_id", "patient_id", "kind", "location", "i", "j", "k", "x_mm", "y_mm", "z_mm",
                   "diameter_mm", "radius_true_mm", "dchi_ppm"]
-MIMIC_COLUMNS = ["mimic_id", "patient_id", "kind", "location", "i", "j", "k", "x_mm", "y_mm", "z_mm", "diameter_mm"]
+MIMIC_COLUMNS = ["mimic_id", "patient_id", "kind", "location", "i", "j", "k", "x_mm", "y_mm", "z_mm",
+                 "diameter_mm"]
 COHORT_COLUMNS = ["patient_id", "n_slices", "n_cmb", "seed"]
 
 
@@ -630,8 +644,9 @@ def _table(vol: Volume, objs: list[Lesion], columns: list[str]) -> pd.DataFrame:
     for o in objs:
         ijk = np.array(o.centre_vox, float)
         xyz = vol.vox_to_mm(ijk)
-        row = [o.lesion_id, vol.patient_id, o.kind, o.location, *np.round(ijk, 3), *np.round(xyz, 3), round(o.diameter_mm, 3),
-               round(float(getattr(o, "radius_true_mm", np.nan)), 4), round(float(getattr(o, "dchi_ppm", np.nan)), 4)]
+        row = [o.lesion_id, vol.patient_id, o.kind, o.location, *np.round(ijk, 3), *np.round(xyz, 3),
+               round(o.diameter_mm, 3), round(float(getattr(o, "radius_true_mm", np.nan)), 4),
+               round(float(getattr(o, "dchi_ppm", np.nan)), 4)]
         rows.append(row[: len(columns)])
     return pd.DataFrame(rows, columns=columns)
 
@@ -665,12 +680,15 @@ def _write_patient(index: int, cfg: SynthConfig, root: str) -> dict:
     lesion_table(vol).to_csv(pdir / "lesions.csv", index=False)
     mimic_table(vol).to_csv(pdir / "mimics.csv", index=False)
     boxes = volume_slice_boxes(vol)
-    return {"patient_id": vol.patient_id, "n_slices": vol.shape[0], "n_cmb": len(vol.lesions), "seed": cfg.seed,
+    return {"patient_id": vol.patient_id, "n_slices": vol.shape[0], "n_cmb": len(vol.lesions),
+            "seed": cfg.seed,
             "n_cmb_boxes": sum(len(b) for b in boxes.values()), "n_cmb_slices": len(boxes),
             "n_mimics": len(vol.mimics), "seconds": round(time.perf_counter() - t, 3)}
 
 
-def synthesize_cohort(out_dir: Path, cfg: SynthConfig, progress: bool = True, overwrite: bool = False) -> pd.DataFrame:
+def synthesize_cohort(
+    out_dir: Path, cfg: SynthConfig, progress: bool = True, overwrite: bool = False
+) -> pd.DataFrame:
     """Write the cohort (``SYN-xxxx/dicom``, ``lesions.csv``, ``mimics.csv``, ``cohort.csv``) atomically.
 
     Built in a temp sibling folder and renamed at the end; an existing non-empty ``out_dir`` is an
@@ -685,6 +703,8 @@ def synthesize_cohort(out_dir: Path, cfg: SynthConfig, progress: bool = True, ov
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise InputError(f"{out_dir}: exists and is not empty (use --overwrite to replace it)")
+    if cfg.workers > 1 and cfg.patients > 1 and not _cache_file().is_file():
+        _template()  # build the disk cache once, not in every worker
     rows = []
     with atomic_path(out_dir) as tmp:
         tmp.mkdir(parents=True)
@@ -710,13 +730,16 @@ def synthesize_cohort(out_dir: Path, cfg: SynthConfig, progress: bool = True, ov
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``cmbfe synth --out DIR [--patients N] [--seed S] [--matrix M] [--params FILE] [--workers W] [--overwrite]``."""
+    """``cmbfe synth --out DIR [--params P] [--patients N] [--seed S] [--matrix M] [--workers W]
+    [--overwrite]``; prints one summary line."""
     from cmbfe.config import ConfigError, load
 
-    ap = argparse.ArgumentParser(prog="cmbfe synth", description="Generate the synthetic SWI cohort (DICOM + ground truth).")
+    ap = argparse.ArgumentParser(prog="cmbfe synth",
+                                 description="Generate the synthetic SWI cohort (DICOM + ground truth).")
     ap.add_argument("--out", required=True, type=Path, help="output folder (created atomically)")
     ap.add_argument("--params", default=None, help="profile name (smoke/default/paper) or params YAML file")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, e.g. synth.snr=[30,40]")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="config override, e.g. synth.snr=[30,40]")
     ap.add_argument("--patients", type=int)
     ap.add_argument("--seed", type=int)
     ap.add_argument("--matrix", type=int)

@@ -205,3 +205,112 @@ def image_tiles(images: Sequence[np.ndarray], gt_boxes: Sequence[np.ndarray], de
         save_figure(fig, out)
     return fig
 
+
+
+OBJECT_COLORS = {"cmb": "#ff2020", "vein": "#2080ff", "calcification": "#ff9900", "iron": "#ffe000",
+                 "air": "#ff00ff"}
+
+
+def data_examples(pre: str | Path, n: int = 3, crop: int | None = None) -> Figure:
+    """``n`` slices with the most CMBs (one per patient), CMB boxes red and mimic boxes coloured by kind
+    (:data:`OBJECT_COLORS`), from a preprocessed folder (``slice_objects.csv`` + ``images/``)."""
+    import json
+
+    import pandas as pd
+
+    from cmbfe.data import read_png
+
+    pre = Path(pre)
+    objs = pd.read_csv(pre / "slice_objects.csv")
+    cmb = objs[objs["kind"] == "cmb"].groupby(["patient_id", "slice_index"]).size().sort_values(
+        ascending=False, kind="stable").reset_index()
+    picks = cmb.drop_duplicates("patient_id").head(n)
+    names = {}
+    for split in ("train", "val", "test"):
+        for im in json.loads((pre / "annotations" / f"{split}.json").read_text())["images"]:
+            names[(im["patient_id"], int(im["slice_index"]))] = im["file_name"]
+    fig, axes = plt.subplots(1, max(1, len(picks)), figsize=(4 * max(1, len(picks)), 4.3), squeeze=False)
+    for ax, (_, row) in zip(axes[0], picks.iterrows()):
+        pid, z = row["patient_id"], int(row["slice_index"])
+        fn = names.get((pid, z), f"{pid}/z{z:04d}.png")
+        img = read_png(pre / "images" / fn)
+        ax.imshow(img, cmap="gray", interpolation="nearest")
+        sel = objs[(objs["patient_id"] == pid) & (objs["slice_index"] == z)]
+        for _, o in sel.iterrows():
+            col = OBJECT_COLORS.get(o["kind"], "#ffffff")
+            pad = 2.0
+            ax.add_patch(Rectangle((o["x0"] - pad, o["y0"] - pad), o["x1"] - o["x0"] + 2 * pad,
+                                   o["y1"] - o["y0"] + 2 * pad, fill=False, ec=col,
+                                   lw=1.2 if o["kind"] == "cmb" else 0.7))
+        ax.set_title(f"{pid}, slice {z}: {int((sel['kind'] == 'cmb').sum())} CMB boxes", fontsize=9)
+        ax.set_axis_off()
+    handles = [Rectangle((0, 0), 1, 1, fill=False, ec=c, label=k) for k, c in OBJECT_COLORS.items()]
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
+    fig.subplots_adjust(left=0.01, right=0.99, top=0.93, bottom=0.07, wspace=0.03)
+    return fig
+
+
+def augment_examples(pre: str | Path, augment_cfg: Any, n: int = 4, seed: int = 0) -> Figure:
+    """One training slice with CMBs and ``n`` augmented draws of it (boxes green), seeded."""
+    from cmbfe.augment import build_augment
+    from cmbfe.data import SliceDataset
+
+    ds = SliceDataset(pre, "train", negatives_ratio=0)
+    counts = [len(ds.target(i)["boxes"]) for i in range(len(ds))]
+    idx = int(np.argmax(counts))
+    image, target = ds[idx]
+    aug = build_augment(augment_cfg)
+    imgs, boxes, titles = [image[1].numpy()], [target["boxes"].numpy()], ["original"]
+    for k in range(n):
+        im, bx = aug(image, target["boxes"], seed=seed * 1000 + k)
+        imgs.append(im[1].numpy())
+        boxes.append(bx.numpy())
+        titles.append(f"draw {k + 1}: {len(bx)} boxes")
+    return image_tiles(imgs, boxes, [np.zeros((0, 4))] * len(imgs), titles=titles, ncols=min(5, n + 1),
+                       tile_inches=3.0, vmin=0.0, vmax=1.0)
+
+
+def fe_figure(maps: Mapping[str, Any]) -> Figure:
+    """Paper Fig. 3: per example the image with its GT boxes, the FE change of the first detection source
+    (after - before, averaged over channels) and the overlay; ``maps`` from ``report.fe_examples``."""
+    img, before, after = maps["image"], maps["before"], maps["after"]
+    n = img.shape[0]
+    fig, axes = plt.subplots(n, 3, figsize=(9, 3 * n), squeeze=False)
+    size = img.shape[-1]
+    for k in range(n):
+        diff = (after[k] - before[k]).mean(axis=0)
+        a0, a1, a2 = axes[k]
+        a0.imshow(img[k, 0], cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+        for b in np.asarray(maps["boxes"][k]).reshape(-1, 4):
+            a0.add_patch(Rectangle((b[0], b[1]), b[2] - b[0], b[3] - b[1], fill=False, ec=GT_COLOR, lw=1))
+        a1.imshow(diff, cmap="magma", interpolation="nearest")
+        a2.imshow(img[k, 0], cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+        a2.imshow(diff, cmap="magma", alpha=0.55, extent=(0, size, size, 0), interpolation="nearest")
+        titles = maps.get("titles") or [""] * n
+        a0.set_title(f"{titles[k]} with GT box", fontsize=8)
+        a1.set_title(f"FE - input features (mean over {before.shape[1]} ch)", fontsize=8)
+        a2.set_title("overlay", fontsize=8)
+        for a in axes[k]:
+            a.set_axis_off()
+    fig.tight_layout()
+    return fig
+
+
+def fe_explorer(maps: Mapping[str, Any]) -> Any:
+    """JupyterLab explorer (ipywidgets): sliders over the example and the channel (-1 = channel mean)
+    showing input features, enhanced features and their difference. Headless it returns the widget."""
+    import ipywidgets as widgets
+
+    before, after = maps["before"], maps["after"]
+
+    def show(example: int = 0, channel: int = -1) -> None:
+        b = before[example].mean(0) if channel < 0 else before[example, channel]
+        a = after[example].mean(0) if channel < 0 else after[example, channel]
+        _fig, axs = plt.subplots(1, 3, figsize=(9, 3))
+        for ax, arr, t in zip(axs, (b, a, a - b), ("input", "enhanced", "difference")):
+            ax.imshow(arr, cmap="magma", interpolation="nearest")
+            ax.set_title(t, fontsize=9)
+            ax.set_axis_off()
+        plt.show()
+
+    return widgets.interactive(show, example=(0, before.shape[0] - 1), channel=(-1, before.shape[1] - 1))

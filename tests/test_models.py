@@ -85,7 +85,8 @@ def test_anchor_count_and_describe():
     assert anchors[0].shape == (d["num_anchors"], 4)
     assert math.isclose(d["mm_per_px"], FOV_MM / 160)
     first = d["feature_maps"][0]["anchor_wh_mm"]
-    assert first[0] == [3.0, 3.0] and d["params"] > 0 and d["backbone"] == "vgg16"
+    stride_mm = FOV_MM / d["feature_maps"][0]["size"][0]
+    assert first[0][0] >= stride_mm - 1e-6 and d["params"] > 0 and d["backbone"] == "vgg16"
 
 
 def test_prior_specs():
@@ -283,3 +284,13 @@ def test_checkpoint_round_trip(tmp_path):
         load_checkpoint_weights(b, tmp_path / name)
         for (k, v), w in zip(a.state_dict().items(), b.state_dict().values()):
             assert torch.equal(v, w), k
+
+
+def test_cmb_priors_never_smaller_than_their_stride():
+    # a CMB must overlap some anchor, otherwise SSD's best-anchor match is an arbitrary zero-IoU anchor
+    _, scales = prior_spec("cmb", 6, [32, 16, 8, 4, 2, 1])
+    assert all(s >= 1 / f - 1e-12 for s, f in zip(scales, [32, 16, 8, 4, 2, 1]))
+    assert scales == sorted(scales)
+    _, unfloored = prior_spec("cmb", 7)
+    _, floored = prior_spec("cmb", 7, [64, 32, 16, 8, 4, 2, 1])
+    assert floored[0] == 1 / 64 > unfloored[0]  # at 512 px the 3 mm prior (6.4 px) is below the 8 px stride

@@ -1,0 +1,32 @@
+"""Writing result tables: ``results/<stem>.csv`` and ``results/<stem>.md``, atomically.
+
+Every table cmbfe writes puts this run's numbers beside the paper's (Li et al. 2021, private data),
+in columns labelled ``"... (this run)"`` and ``"... (paper, private data)"`` (see :mod:`cmbfe.paper`);
+a paper number is never presented as a result of this run, and a run number never as the paper's.
+Stages build a :class:`pandas.DataFrame` that way and call :func:`write_table`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from cmbfe.config import REPO_ROOT
+from cmbfe.utils import atomic_write_text
+
+RESULTS_DIR = REPO_ROOT / "results"
+
+
+def write_table(df: pd.DataFrame, stem: str, results_dir: str | Path | None = None, *, caption: str = "") -> Path:
+    """Write ``df`` as ``<results_dir>/<stem>.csv`` (no index) and ``<stem>.md`` (caption, then a
+    Markdown table); both atomic. ``results_dir`` defaults to the repository's ``results/``.
+    Returns the CSV path."""
+    out = Path(results_dir) if results_dir is not None else RESULTS_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    csv_path = out / f"{stem}.csv"
+    atomic_write_text(csv_path, df.to_csv(index=False))
+    md = df.to_markdown(index=False)
+    text = f"{caption.strip()}\n\n{md}\n" if caption.strip() else f"{md}\n"
+    atomic_write_text(out / f"{stem}.md", text)
+    return csv_path

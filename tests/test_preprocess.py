@@ -1,0 +1,288 @@
+"""Tests of cmbfe.preprocess (N4, normalisation, split, PRE layout, COCO, Table 1, CLI) on tiny cohorts."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+from pycocotools.coco import COCO
+
+from cmbfe import config
+from cmbfe.cli import main as cli_main
+from cmbfe.io import InputError, write_dicom_series
+from cmbfe.preprocess import (
+    SPLITS,
+    head_mask,
+    n4,
+    normalise,
+    preprocess_cohort,
+    split_patients,
+    table1,
+)
+from cmbfe.tables import write_table
+from cmbfe.volume import Lesion, Volume
+
+NZ, N = 10, 48
+AFFINE = np.diag([0.9, 0.9, 2.0, 1.0])
+LESION_COLS = ["lesion_id", "patient_id", "kind", "location", "i", "j", "k", "x_mm", "y_mm", "z_mm",
+               "diameter_mm", "radius_true_mm", "dchi_ppm"]
+MIMIC_COLS = ["mimic_id", *LESION_COLS[1:11]]
+
+
+def phantom(seed: int, nz: int = NZ, n: int = N, bias: float = 0.4) -> tuple[np.ndarray, np.ndarray]:
+    """(data [k, j, i], head mask): an ellipsoidal head at 600 with a linear bias and Rician-like noise."""
+    rng = np.random.default_rng(seed)
+    _, j, i = np.mgrid[:nz, :n, :n].astype(np.float32)
+    head = ((i - n / 2) / (0.4 * n)) ** 2 + ((j - n / 2) / (0.45 * n)) ** 2 < 1
+    data = head * 600.0 * (1 + bias * (i / n - 0.5)) + rng.rayleigh(15, head.shape)
+    return data.astype(np.float32), head
+
+
+def make_patient(seed: int, pid: str, n_cmb: int) -> Volume:
+    """CMBs on slices 2..4 (dark spheres), mimics (veins/calcifications) on slices 6..9."""
+    data, _ = phantom(seed)
+    rng = np.random.default_rng(seed + 100)
+    lesions = [Lesion(m + 1, (float(rng.uniform(16, 32)), float(rng.uniform(16, 32)), float(2 + m % 3)),
+                      float(rng.uniform(2.5, 4.0)), location="lobar") for m in range(n_cmb)]
+    mimics = [Lesion(m + 1, (float(rng.uniform(16, 32)), float(rng.uniform(16, 32)), float(6 + m)), 3.0,
+                     kind=("vein", "calcification")[m % 2], location="cortex") for m in range(4)]
+    k, j, i = np.mgrid[:NZ, :N, :N]
+    for o in lesions + mimics:
+        r2 = ((i - o.centre_vox[0]) * 0.9) ** 2 + ((j - o.centre_vox[1]) * 0.9) ** 2 + ((k - o.centre_vox[2]) * 2) ** 2
+        data[r2 <= (o.diameter_mm / 2) ** 2] = 80.0
+    return Volume(np.round(data), AFFINE.copy(), pid, lesions, mimics)
+
+
+def write_patient(raw: Path, vol: Volume) -> None:
+    d = raw / vol.patient_id
+    write_dicom_series(vol, d / "dicom", uid_seed=vol.patient_id)
+    for name, objs, cols in (("lesions.csv", vol.lesions, LESION_COLS), ("mimics.csv", vol.mimics, MIMIC_COLS)):
+        rows = [[o.lesion_id, vol.patient_id, o.kind, o.location, *o.centre_vox, *vol.vox_to_mm(o.centre_vox),
+                 o.diameter_mm, 0.5, 1.0][: len(cols)] for o in objs]
+        pd.DataFrame(rows, columns=cols).to_csv(d / name, index=False)
+
+
+def make_raw(raw: Path, n_patients: int = 6) -> Path:
+    for p in range(n_patients):
+        write_patient(raw, make_patient(p, f"SYN-{p + 1:04d}", n_cmb=0 if p == n_patients - 1 else 3 + p))
+    return raw
+
+
+def tiny_cfg(**pre) -> config.Config:
+    sets = {"n4_iterations": [5, 5], "n4_shrink": 2, "workers": 1, "split_ratios": {"train": 3, "val": 1, "test": 2}}
+    sets.update(pre)
+    return config.from_dict({"preprocess": sets})
+
+
+@pytest.fixture(scope="module")
+def raw(tmp_path_factory) -> Path:
+    return make_raw(tmp_path_factory.mktemp("raw") / "RAW")
+
+
+@pytest.fixture(scope="module")
+def pre(raw, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("pre") / "PRE"
+    preprocess_cohort(raw, out, tiny_cfg(), progress=False)
+    return out
+
+
+# ---------------------------------------------------------------- building blocks
+
+
+def test_n4_removes_a_smooth_bias():
+    data, head = phantom(0, nz=12, bias=0.6)
+    out = n4(data, (2.0, 0.9, 0.9), (10, 10), 2)
+    cv = lambda x: x[head].std() / x[head].mean()
+    assert out.shape == data.shape and out.dtype == np.float32
+    assert cv(out) < 0.5 * cv(data)
+
+
+def test_n4_thin_stacks_still_correct():
+    for nz in (1, 3):  # ANTs alone is a no-op once shrinking leaves < 2 slices
+        data, head = phantom(0, nz=nz, bias=0.6)
+        out = n4(data, (2.0, 0.9, 0.9), (10, 10), 2)
+        assert out[head].std() / out[head].mean() < 0.7 * data[head].std() / data[head].mean()
+
+
+def test_head_mask_keeps_dark_interior_and_normalise_range():
+    data, head = phantom(1)
+    data[5, 20:24, 20:24] = 0.0  # a dark CMB-like hole inside the head
+    m = head_mask(data)
+    assert m[5, 21, 21] and not m[0, 0, 0]
+    assert (m == head).mean() > 0.97
+    u8 = normalise(data, m, (0.5, 99.5))
+    assert u8.dtype == np.uint8 and u8.min() == 0 and u8.max() == 255
+
+
+def test_split_58_patients_exact_and_stratified():
+    pids = [f"P{i:02d}" for i in range(58)]
+    has = {p: i % 10 != 0 for i, p in enumerate(pids)}  # 6 CMB-free patients
+    s = split_patients(pids, has, {"train": 33, "val": 8, "test": 17}, seed=0)
+    counts = {k: sum(v == k for v in s.values()) for k in SPLITS}
+    assert counts == {"train": 33, "val": 8, "test": 17}
+    for k in SPLITS:
+        assert any(has[p] for p in pids if s[p] == k)
+    assert s == split_patients(list(reversed(pids)), has, {"train": 33, "val": 8, "test": 17}, seed=0)
+    assert s != split_patients(pids, has, {"train": 33, "val": 8, "test": 17}, seed=1)
+    few = split_patients(pids[:5], {p: p == "P01" or p == "P02" or p == "P03" for p in pids[:5]},
+                         {"train": 3, "val": 1, "test": 1}, seed=0)
+    assert {few[p] for p in ("P01", "P02", "P03")} == set(SPLITS)  # every split gets a CMB patient
+
+
+# ---------------------------------------------------------------- the PRE layout
+
+
+def test_layout_and_images(pre, raw):
+    assert sorted(p.name for p in pre.iterdir()) == ["annotations", "images", "lesions.csv", "mimics.csv",
+                                                     "preprocess.json", "slice_objects.csv", "splits.csv"]
+    assert sorted(p.name for p in (pre / "annotations").iterdir()) == ["test.json", "train.json", "val.json"]
+    for pid in ("SYN-0001", "SYN-0006"):
+        files = sorted((pre / "images" / pid).iterdir())
+        assert [f.name for f in files] == [f"z{k:04d}.png" for k in range(NZ)]
+    lesions = pd.read_csv(pre / "lesions.csv")
+    assert len(lesions) == sum(3 + p for p in range(5))
+    assert {"radius_true_mm", "dchi_ppm"} <= set(lesions.columns)  # raw columns kept
+    raw_les = pd.read_csv(raw / "SYN-0002" / "lesions.csv")
+    mine = lesions[lesions["patient_id"] == "SYN-0002"].reset_index(drop=True)
+    assert np.allclose(mine[["x_mm", "y_mm", "z_mm"]], raw_les[["x_mm", "y_mm", "z_mm"]], atol=1e-3)
+    assert set(pd.read_csv(pre / "mimics.csv")["kind"]) == {"vein", "calcification"}
+    meta = json.loads((pre / "preprocess.json").read_text())
+    assert len(meta["patients"]) == 6 and meta["versions"]["pydicom"]
+    assert all(p["seconds"]["n4"] >= 0 for p in meta["patients"])
+
+
+def test_coco_validity(pre):
+    splits = pd.read_csv(pre / "splits.csv")
+    assert splits["patient_id"].is_unique and splits["split"].value_counts().to_dict() == {"train": 3, "test": 2,
+                                                                                            "val": 1}
+    objs = pd.read_csv(pre / "slice_objects.csv")
+    all_ids, n_ann, patients_seen = set(), 0, {}
+    for s in SPLITS:
+        coco = COCO(str(pre / "annotations" / f"{s}.json"))
+        ids = [im["id"] for im in coco.dataset["images"]]
+        assert len(ids) == len(set(ids)) and not (set(ids) & all_ids)
+        all_ids |= set(ids)
+        for im in coco.dataset["images"]:
+            patients_seen.setdefault(im["patient_id"], set()).add(s)
+            assert (pre / "images" / im["file_name"]).is_file()
+            assert {"patient_id", "slice_index", "n_slices", "pixel_spacing_mm", "slice_mm", "has_cmb",
+                    "mimic_kinds", "width", "height"} <= set(im)
+            assert im["has_cmb"] == bool(coco.getAnnIds(imgIds=im["id"]))
+        for a in coco.dataset["annotations"]:
+            w, h = a["bbox"][2:]
+            assert w > 0 and h > 0 and a["category_id"] == 1 and a["iscrowd"] == 0 and "lesion_id" in a
+        n_ann += len(coco.dataset["annotations"])
+        pos = [im for im in coco.dataset["images"] if im["has_cmb"]]
+        neg = [im for im in coco.dataset["images"] if not im["has_cmb"]]
+        if s == "train":
+            assert all(not im["has_cmb"] for im in neg)
+        else:  # enough mimic-only slices exist: exactly as many negatives as CMB slices
+            assert len(neg) == len(pos) > 0 and all(im["mimic_kinds"] for im in neg)
+        ss = splits.set_index("patient_id")["split"]
+        assert all(ss[im["patient_id"]] == s for im in coco.dataset["images"])
+    assert all(len(v) == 1 for v in patients_seen.values())  # no patient in two splits
+    assert n_ann == int((objs["kind"] == "cmb").sum())  # annotations = per-slice CMB boxes
+
+
+def test_train_keeps_cmb_free_brain_slices(pre):
+    train = json.loads((pre / "annotations" / "train.json").read_text())
+    n_patients = len({im["patient_id"] for im in train["images"]})
+    assert len(train["images"]) == n_patients * NZ  # every slice of this phantom is a brain slice
+
+
+def test_table1(pre, tmp_path):
+    t = table1(pre)
+    assert list(t["split"]) == ["train", "val", "test", "total"]
+    assert "patients (this run)" in t.columns and "CMBs (paper, private data)" in t.columns
+    assert t.set_index("split").loc["total", "patients (this run)"] == 6
+    assert t.set_index("split").loc["train", "CMBs (paper, private data)"] == 845
+    path = write_table(t, "table1_split", tmp_path, caption="Table 1")
+    assert path.read_text().startswith("split,") and (tmp_path / "table1_split.md").read_text().startswith("Table 1")
+
+
+def test_deterministic_and_parallel(pre, raw, tmp_path):
+    other = tmp_path / "PRE2"
+    preprocess_cohort(raw, other, tiny_cfg(workers=2), progress=False)  # process pool this time
+    files = sorted(p.relative_to(pre) for p in pre.rglob("*") if p.is_file() and p.name != "preprocess.json")
+    assert files == sorted(p.relative_to(other) for p in other.rglob("*")
+                           if p.is_file() and p.name != "preprocess.json")
+    for f in files:
+        assert (pre / f).read_bytes() == (other / f).read_bytes(), f
+
+
+def test_unlabelled_dicom_and_jpg(raw, tmp_path):
+    src = tmp_path / "plain"
+    for pid in ("SYN-0001", "SYN-0002"):
+        shutil.copytree(raw / pid / "dicom", src / f"case{pid[-1]}")  # DICOM files directly in the folder
+    out = tmp_path / "PRE"
+    s = preprocess_cohort(src, out, tiny_cfg(image_format="jpg"), progress=False)
+    assert s["mode"] == "dicom" and not (out / "splits.csv").exists()
+    coco = json.loads((out / "annotations" / "all.json").read_text())
+    assert len(coco["images"]) == 2 * NZ and coco["annotations"] == []
+    assert (out / "images" / "case1" / "z0000.jpg").is_file()
+    with pytest.raises(InputError, match="splits.csv"):
+        table1(out)
+
+
+def test_valdo_cohort(tmp_path):
+    aff = np.diag([-0.9, 0.9, 2.0, 1.0])
+    for s, sub in enumerate(("sub-101", "sub-102")):
+        data, _ = phantom(s)
+        img = np.transpose(data, (2, 1, 0))[::-1].copy()
+        mask = np.zeros(img.shape, np.uint8)
+        mask[20:23, 20:23, 3:5] = 1
+        d = tmp_path / "valdo" / sub
+        d.mkdir(parents=True)
+        nib.save(nib.Nifti1Image(img, aff), d / f"{sub}_space-T2S_desc-masked_T2S.nii.gz")
+        nib.save(nib.Nifti1Image(mask, aff), d / f"{sub}_space-T2S_CMB.nii.gz")
+    out = tmp_path / "PRE"
+    s = preprocess_cohort(tmp_path / "valdo", out, tiny_cfg(split_ratios={"train": 1, "val": 0, "test": 1}),
+                          progress=False)
+    assert s["mode"] == "valdo" and s["splits"] == {"train": 1, "val": 0, "test": 1}
+    train = json.loads((out / "annotations" / "train.json").read_text())
+    boxes = sorted(a["bbox"] for a in train["annotations"])
+    assert boxes == [[20.0, 25.0, 3.0, 3.0]] * 2  # NIfTI x 20..22 -> i; y 20..22 -> rows 47-22..47-20
+
+
+# ---------------------------------------------------------------- CLI and bad input
+
+
+def test_cli_success_and_refusals(raw, tmp_path):
+    out, res = tmp_path / "PRE", tmp_path / "results"
+    args = ["preprocess", "--input", str(raw), "--out", str(out), "--results", str(res), "--no-progress",
+            "--set", "preprocess.n4_iterations=[3]", "--set", "preprocess.workers=1"]
+    assert cli_main(args) == 0
+    assert (res / "table1_split.csv").is_file() and (res / "table1_split.md").is_file()
+    assert cli_main(args) == 2  # exists: refused without --overwrite
+    assert cli_main([*args, "--overwrite"]) == 0
+    assert cli_main([*args, "--overwrite", "--set", "preprocess.nope=1"]) == 2
+
+
+def test_cli_bad_input_leaves_nothing(raw, tmp_path):
+    bad = tmp_path / "RAW"
+    shutil.copytree(raw, bad)
+    (bad / "SYN-0003" / "dicom" / "IM_0004.dcm").write_bytes(b"garbage, not DICOM")
+    out = tmp_path / "out" / "PRE"
+    args = ["preprocess", "--input", str(bad), "--out", str(out), "--results", str(tmp_path / "r"), "--no-progress",
+            "--set", "preprocess.n4_iterations=[3]", "--set", "preprocess.workers=1"]
+    assert cli_main(args) == 2
+    assert not out.exists() and list(out.parent.iterdir()) == []
+    assert cli_main(["preprocess", "--input", str(tmp_path / "empty"), "--out", str(out), "--no-progress"]) == 2
+    (tmp_path / "empty").mkdir()
+    assert cli_main(["preprocess", "--input", str(tmp_path / "empty"), "--out", str(out), "--no-progress"]) == 2
+    assert not out.exists()
+    # skipping the bad file: a warning, and the (now gapped) series is refused rather than mis-placed
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        assert cli_main([*args, "--on-bad-file", "skip"]) == 2
+    assert not out.exists()
+    (bad / "SYN-0003" / "dicom" / "IM_0004.dcm").unlink()
+    (bad / "SYN-0004" / "lesions.csv").unlink()
+    with pytest.raises(InputError, match="lesions.csv missing for SYN-0004"):
+        preprocess_cohort(bad, out, tiny_cfg(), progress=False)
