@@ -43,8 +43,9 @@ def _fold_dirs(cfg: Config, pre: Path) -> list[Path]:
     for f in range(k):
         d = root / f"fold{f:02d}"
         (d / "annotations").mkdir(parents=True, exist_ok=True)
-        if not (d / "images").exists():
-            os.symlink(os.path.relpath(pre / "images", d), d / "images")
+        for name in ("images", "slice_objects.csv"):
+            if not (d / name).exists() and (pre / name).exists():
+                os.symlink(os.path.relpath(pre / name, d), d / name)
         test_pat = {p for p, i in fold_of.items() if i == f}
         val_pat = {p for p, i in fold_of.items() if i == (f + 1) % k} if k > 2 else set()
         for split, pats in (("test", test_pat), ("val", val_pat),

@@ -34,6 +34,9 @@ SPLITS = ("train", "val", "test")
 LESION_COLUMNS = ["lesion_id", "patient_id", "kind", "location", "i", "j", "k", "x_mm", "y_mm", "z_mm",
                   "diameter_mm"]
 MIMIC_COLUMNS = ["mimic_id", *LESION_COLUMNS[1:]]
+# N4's output depends (in the last bits) on ITK's thread count, which ITK fixes at its first use in a
+# process: one thread per process makes PRE byte-identical on every machine; workers give parallelism.
+os.environ.setdefault("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "1")
 
 
 def otsu_threshold(x: np.ndarray, bins: int = 256) -> float:
@@ -233,9 +236,7 @@ def _process_patient(job: dict[str, Any], pcfg: PreprocessConfig, images_dir: st
     }
 
 
-def _init_worker(threads: int) -> None:
-    """Share the cores between worker processes (ITK reads this before ``ants`` is first imported)."""
-    os.environ.setdefault("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", str(threads))
+def _init_worker() -> None:
     import ants  # noqa: F401 - once per worker, so per-patient timings exclude its ~3 s import
 
 
@@ -253,8 +254,7 @@ def _run_jobs(jobs: list[dict], pcfg: PreprocessConfig, images: Path, on_bad_fil
         else:
             n = min(pcfg.workers, len(jobs))
             ctx = multiprocessing.get_context("spawn")  # ITK threads are not fork-safe
-            with ProcessPoolExecutor(n, mp_context=ctx, initializer=_init_worker,
-                                     initargs=(max(1, (os.cpu_count() or 1) // n),)) as ex:
+            with ProcessPoolExecutor(n, mp_context=ctx, initializer=_init_worker) as ex:
                 futs = [ex.submit(_process_patient, j, pcfg, str(images), on_bad_file) for j in jobs]
                 try:
                     for fut in as_completed(futs):
@@ -409,6 +409,7 @@ def preprocess_cohort(raw_dir: str | Path, out_dir: str | Path, cfg: Config, *, 
         atomic_write_json(tmp / "preprocess.json", {
             "created_by": "cmbfe preprocess", "input": str(raw), "config": cfg.to_dict(),
             "config_hash": cfg.hash(), "summary": summary, "versions": _versions(), "warnings": notes,
+            "itk_threads": os.environ.get("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"),
             "patients": patients})
     if results is not None and split_of:
         from cmbfe.tables import write_table

@@ -34,7 +34,8 @@ def evaluate_run(cfg: Config, run_dir: Path, pre: Path, *, split: str = "test",
     coco = json.loads(gt_path.read_text())
     gt = E.gt_from_coco(coco, str(gt_path))
     dets = E.dets_from_coco(study.ensure_predictions(run_dir, pre, split), gt, f"{run_dir}/dets")
-    objects = E.load_slice_objects(Path(pre) / "slice_objects.csv", gt)
+    obj_path = Path(pre) / "slice_objects.csv"
+    objects = E.load_slice_objects(obj_path, gt) if obj_path.exists() else None
     n_boot = cfg.eval.bootstrap if bootstrap is None else bootstrap
     res = E.evaluate(gt, dets, match=cfg.eval.match, iou=cfg.eval.iou, radius_mm=cfg.eval.radius_mm,
                      objects=objects, bootstrap=n_boot, seed=cfg.eval.seed, ci=cfg.eval.ci)

@@ -20,13 +20,13 @@ RESULTS_DIR = REPO_ROOT / "results"
 
 def write_table(df: pd.DataFrame, stem: str, results_dir: str | Path | None = None, *, caption: str = "") -> Path:
     """Write ``df`` as ``<results_dir>/<stem>.csv`` (no index) and ``<stem>.md`` (caption, then a
-    Markdown table); both atomic. ``results_dir`` defaults to the repository's ``results/``.
+    Markdown table, empty cells for missing values, floats to 3 decimals); both atomic. ``results_dir`` defaults to the repository's ``results/``.
     Returns the CSV path."""
     out = Path(results_dir) if results_dir is not None else RESULTS_DIR
     out.mkdir(parents=True, exist_ok=True)
     csv_path = out / f"{stem}.csv"
     atomic_write_text(csv_path, df.to_csv(index=False))
-    md = df.to_markdown(index=False)
+    md = df.astype(object).where(df.notna(), "").to_markdown(index=False, floatfmt=".3f")
     text = f"{caption.strip()}\n\n{md}\n" if caption.strip() else f"{md}\n"
     atomic_write_text(out / f"{stem}.md", text)
     return csv_path

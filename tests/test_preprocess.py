@@ -242,8 +242,9 @@ def test_valdo_cohort(tmp_path):
         nib.save(nib.Nifti1Image(img, aff), d / f"{sub}_space-T2S_desc-masked_T2S.nii.gz")
         nib.save(nib.Nifti1Image(mask, aff), d / f"{sub}_space-T2S_CMB.nii.gz")
     out = tmp_path / "PRE"
-    s = preprocess_cohort(tmp_path / "valdo", out, tiny_cfg(split_ratios={"train": 1, "val": 0, "test": 1}),
-                          progress=False)
+    with pytest.warns(UserWarning, match="split val has no patients"):
+        s = preprocess_cohort(tmp_path / "valdo", out, tiny_cfg(split_ratios={"train": 1, "val": 0, "test": 1}),
+                              progress=False)
     assert s["mode"] == "valdo" and s["splits"] == {"train": 1, "val": 0, "test": 1}
     train = json.loads((out / "annotations" / "train.json").read_text())
     boxes = sorted(a["bbox"] for a in train["annotations"])
