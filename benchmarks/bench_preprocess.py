@@ -49,7 +49,8 @@ def phantom(size: int, slices: int, seed: int = 0) -> Volume:
         r2 = ((i - c[0]) * px) ** 2 + ((j - c[1]) * px) ** 2 + ((k - c[2]) * 2.0) ** 2
         data[r2 < 1.5**2] *= 0.2
         les.append(Lesion(n + 1, c, 3.0))
-    return Volume(np.round(data).astype(np.float32), np.diag([px, px, 2.0, 1.0]), f"BENCH-{seed + 1:04d}", les)
+    aff = np.diag([px, px, 2.0, 1.0])
+    return Volume(np.round(data).astype(np.float32), aff, f"BENCH-{seed + 1:04d}", les)
 
 
 def make_volume(size: int, slices: int, seed: int, use_synth: bool) -> Volume:
@@ -91,8 +92,8 @@ def bench_patients(n: int, size: int, slices: int, use_synth: bool, params: str,
         for s in range(n):
             vol = make_volume(size, slices, s, use_synth)
             write_dicom_series(vol, raw / vol.patient_id / "dicom", uid_seed=f"bench-{s}")
-            rows = [f"{x.lesion_id},{vol.patient_id},cmb,,{x.centre_vox[0]},{x.centre_vox[1]},{x.centre_vox[2]},"
-                    f"{x.diameter_mm}" for x in vol.lesions]
+            rows = [f"{x.lesion_id},{vol.patient_id},cmb,,{','.join(map(str, x.centre_vox))},{x.diameter_mm}"
+                    for x in vol.lesions]
             (raw / vol.patient_id / "lesions.csv").write_text(
                 "lesion_id,patient_id,kind,location,i,j,k,diameter_mm\n" + "\n".join(rows) + "\n")
         t = time.perf_counter()
@@ -108,7 +109,8 @@ def bench_patients(n: int, size: int, slices: int, use_synth: bool, params: str,
     proj = startup + math.ceil(58 / w) * mean["total"]
     p = cfg.preprocess
     print(f"preprocess ({params}: N4 {list(p.n4_iterations)} shrink {p.n4_shrink}), {n} patients "
-          f"{size}x{size}x{vol.shape[0]}, {w} worker(s), {os.cpu_count()} CPUs: wall {wall:.1f} s; per patient "
+          f"{size}x{size}x{vol.shape[0]}, {w} worker(s), {os.cpu_count()} CPUs, ITK threads "
+          f"{os.environ.get('ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS')}: wall {wall:.1f} s; per patient "
           f"read {mean['read']:.2f} s, N4 {mean['n4']:.2f} s, write {mean['write']:.2f} s, "
           f"total {mean['total']:.2f} s")
     print(f"projected 58 patients: {proj:.0f} s ({proj / 60:.1f} min)")

@@ -176,7 +176,7 @@ def _decode(path: Path, ds: pydicom.Dataset) -> tuple[np.ndarray | None, str | N
     ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
     try:
         arr = ds.pixel_array
-    except Exception as e:  # pydicom raises many types for bad pixel data
+    except Exception as e:  # noqa: BLE001 - pydicom raises many types for bad pixel data
         text = str(e)
         if ts is not None and ts.is_compressed and isinstance(e, (RuntimeError, NotImplementedError)) and (
             "missing" in text or "plugin" in text or "decoder" in text
@@ -219,7 +219,7 @@ def read_dicom_series(
         except InvalidDicomError:
             _bad_file(p, "not a DICOM file", on_bad_file)
             continue
-        except Exception as e:  # truncated headers raise EOFError, OSError, ValueError...
+        except Exception as e:  # noqa: BLE001 - truncated headers raise EOFError, OSError, ValueError...
             _bad_file(p, f"unreadable DICOM file ({type(e).__name__}: {e})", on_bad_file)
             continue
         if not any(t in ds for t in _PIXEL_TAGS):
@@ -319,7 +319,7 @@ def _read_csv(path: Path, required: tuple[str, ...]) -> pd.DataFrame:
         raise InputError(f"{path}: file not found")
     try:
         df = pd.read_csv(path)
-    except Exception as e:  # pandas parser errors
+    except Exception as e:  # noqa: BLE001 - pandas parser errors
         raise InputError(f"{path}: not a readable CSV ({type(e).__name__}: {e})") from None
     missing = [c for c in required if c not in df.columns]
     if missing:
@@ -390,7 +390,7 @@ def _load_nifti(path: Path) -> tuple[np.ndarray, np.ndarray]:
     try:
         img = nib.load(str(path))
         data = np.asarray(img.get_fdata(dtype=np.float32))
-    except Exception as e:  # nibabel raises several types for bad files
+    except Exception as e:  # noqa: BLE001 - nibabel raises several types for bad files
         raise InputError(f"{path}: not a readable NIfTI image ({type(e).__name__}: {e})") from None
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]

@@ -18,10 +18,11 @@ from cmbfe.utils import atomic_write_text
 RESULTS_DIR = REPO_ROOT / "results"
 
 
-def write_table(df: pd.DataFrame, stem: str, results_dir: str | Path | None = None, *, caption: str = "") -> Path:
+def write_table(df: pd.DataFrame, stem: str, results_dir: str | Path | None = None, *,
+                caption: str = "") -> Path:
     """Write ``df`` as ``<results_dir>/<stem>.csv`` (no index) and ``<stem>.md`` (caption, then a
-    Markdown table, empty cells for missing values, floats to 3 decimals); both atomic. ``results_dir`` defaults to the repository's ``results/``.
-    Returns the CSV path."""
+    Markdown table, empty cells for missing values, floats to 3 decimals); both atomic.
+    ``results_dir`` defaults to the repository's ``results/``. Returns the CSV path."""
     out = Path(results_dir) if results_dir is not None else RESULTS_DIR
     out.mkdir(parents=True, exist_ok=True)
     csv_path = out / f"{stem}.csv"

@@ -54,7 +54,8 @@ def make_patient(seed: int, pid: str, n_cmb: int) -> Volume:
                      kind=("vein", "calcification")[m % 2], location="cortex") for m in range(4)]
     k, j, i = np.mgrid[:NZ, :N, :N]
     for o in lesions + mimics:
-        r2 = ((i - o.centre_vox[0]) * 0.9) ** 2 + ((j - o.centre_vox[1]) * 0.9) ** 2 + ((k - o.centre_vox[2]) * 2) ** 2
+        ci, cj, ck = o.centre_vox
+        r2 = ((i - ci) * 0.9) ** 2 + ((j - cj) * 0.9) ** 2 + ((k - ck) * 2) ** 2
         data[r2 <= (o.diameter_mm / 2) ** 2] = 80.0
     return Volume(np.round(data), AFFINE.copy(), pid, lesions, mimics)
 
@@ -62,7 +63,8 @@ def make_patient(seed: int, pid: str, n_cmb: int) -> Volume:
 def write_patient(raw: Path, vol: Volume) -> None:
     d = raw / vol.patient_id
     write_dicom_series(vol, d / "dicom", uid_seed=vol.patient_id)
-    for name, objs, cols in (("lesions.csv", vol.lesions, LESION_COLS), ("mimics.csv", vol.mimics, MIMIC_COLS)):
+    for name, objs, cols in (("lesions.csv", vol.lesions, LESION_COLS),
+                             ("mimics.csv", vol.mimics, MIMIC_COLS)):
         rows = [[o.lesion_id, vol.patient_id, o.kind, o.location, *o.centre_vox, *vol.vox_to_mm(o.centre_vox),
                  o.diameter_mm, 0.5, 1.0][: len(cols)] for o in objs]
         pd.DataFrame(rows, columns=cols).to_csv(d / name, index=False)
@@ -75,7 +77,8 @@ def make_raw(raw: Path, n_patients: int = 6) -> Path:
 
 
 def tiny_cfg(**pre) -> config.Config:
-    sets = {"n4_iterations": [5, 5], "n4_shrink": 2, "workers": 1, "split_ratios": {"train": 3, "val": 1, "test": 2}}
+    sets = {"n4_iterations": [5, 5], "n4_shrink": 2, "workers": 1,
+            "split_ratios": {"train": 3, "val": 1, "test": 2}}
     sets.update(pre)
     return config.from_dict({"preprocess": sets})
 
@@ -159,8 +162,8 @@ def test_layout_and_images(pre, raw):
 
 def test_coco_validity(pre):
     splits = pd.read_csv(pre / "splits.csv")
-    assert splits["patient_id"].is_unique and splits["split"].value_counts().to_dict() == {"train": 3, "test": 2,
-                                                                                            "val": 1}
+    assert splits["patient_id"].is_unique
+    assert splits["split"].value_counts().to_dict() == {"train": 3, "test": 2, "val": 1}
     objs = pd.read_csv(pre / "slice_objects.csv")
     all_ids, n_ann, patients_seen = set(), 0, {}
     for s in SPLITS:
@@ -203,7 +206,8 @@ def test_table1(pre, tmp_path):
     assert t.set_index("split").loc["total", "patients (this run)"] == 6
     assert t.set_index("split").loc["train", "CMBs (paper, private data)"] == 845
     path = write_table(t, "table1_split", tmp_path, caption="Table 1")
-    assert path.read_text().startswith("split,") and (tmp_path / "table1_split.md").read_text().startswith("Table 1")
+    assert path.read_text().startswith("split,")
+    assert (tmp_path / "table1_split.md").read_text().startswith("Table 1")
 
 
 def test_deterministic_and_parallel(pre, raw, tmp_path):
@@ -225,6 +229,7 @@ def test_unlabelled_dicom_and_jpg(raw, tmp_path):
     assert s["mode"] == "dicom" and not (out / "splits.csv").exists()
     coco = json.loads((out / "annotations" / "all.json").read_text())
     assert len(coco["images"]) == 2 * NZ and coco["annotations"] == []
+    assert "SYN-000" not in (out / "annotations" / "all.json").read_text()  # ids from folders, not PatientID
     assert (out / "images" / "case1" / "z0000.jpg").is_file()
     with pytest.raises(InputError, match="splits.csv"):
         table1(out)
@@ -242,9 +247,9 @@ def test_valdo_cohort(tmp_path):
         nib.save(nib.Nifti1Image(img, aff), d / f"{sub}_space-T2S_desc-masked_T2S.nii.gz")
         nib.save(nib.Nifti1Image(mask, aff), d / f"{sub}_space-T2S_CMB.nii.gz")
     out = tmp_path / "PRE"
+    cfg = tiny_cfg(split_ratios={"train": 1, "val": 0, "test": 1})
     with pytest.warns(UserWarning, match="split val has no patients"):
-        s = preprocess_cohort(tmp_path / "valdo", out, tiny_cfg(split_ratios={"train": 1, "val": 0, "test": 1}),
-                              progress=False)
+        s = preprocess_cohort(tmp_path / "valdo", out, cfg, progress=False)
     assert s["mode"] == "valdo" and s["splits"] == {"train": 1, "val": 0, "test": 1}
     train = json.loads((out / "annotations" / "train.json").read_text())
     boxes = sorted(a["bbox"] for a in train["annotations"])
@@ -263,6 +268,7 @@ def test_cli_success_and_refusals(raw, tmp_path):
     assert cli_main(args) == 2  # exists: refused without --overwrite
     assert cli_main([*args, "--overwrite"]) == 0
     assert cli_main([*args, "--overwrite", "--set", "preprocess.nope=1"]) == 2
+    assert cli_main([*args, "--overwrite", "--set", "preprocess.n4_shrink=0"]) == 2
 
 
 def test_cli_bad_input_leaves_nothing(raw, tmp_path):
@@ -270,13 +276,15 @@ def test_cli_bad_input_leaves_nothing(raw, tmp_path):
     shutil.copytree(raw, bad)
     (bad / "SYN-0003" / "dicom" / "IM_0004.dcm").write_bytes(b"garbage, not DICOM")
     out = tmp_path / "out" / "PRE"
-    args = ["preprocess", "--input", str(bad), "--out", str(out), "--results", str(tmp_path / "r"), "--no-progress",
+    args = ["preprocess", "--input", str(bad), "--out", str(out), "--results", str(tmp_path / "r"),
+            "--no-progress",
             "--set", "preprocess.n4_iterations=[3]", "--set", "preprocess.workers=1"]
     assert cli_main(args) == 2
     assert not out.exists() and list(out.parent.iterdir()) == []
-    assert cli_main(["preprocess", "--input", str(tmp_path / "empty"), "--out", str(out), "--no-progress"]) == 2
+    empty = ["preprocess", "--input", str(tmp_path / "empty"), "--out", str(out), "--no-progress"]
+    assert cli_main(empty) == 2  # no such folder
     (tmp_path / "empty").mkdir()
-    assert cli_main(["preprocess", "--input", str(tmp_path / "empty"), "--out", str(out), "--no-progress"]) == 2
+    assert cli_main(empty) == 2  # no patient folder in it
     assert not out.exists()
     # skipping the bad file: a warning, and the (now gapped) series is refused rather than mis-placed
     with warnings.catch_warnings(record=True):
