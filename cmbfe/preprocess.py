@@ -468,13 +468,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
     cfg = config.load(args.params, args.set)
-    results = args.results
-    if results is None:
-        from cmbfe.study import results_dir
-
-        results = results_dir(cfg)
     s = preprocess_cohort(args.input, args.out, cfg, overwrite=args.overwrite, on_bad_file=args.on_bad_file,
-                          results=results, progress=not args.no_progress)
+                          progress=not args.no_progress)
+    if s["splits"]:  # labelled: Table 1 into --results (default: the profile's results folder)
+        from cmbfe.study import results_dir
+        from cmbfe.tables import write_table
+
+        results = args.results if args.results is not None else results_dir(cfg)
+        s["table1"] = str(write_table(table1(args.out), "table1_split", results, caption=TABLE1_CAPTION))
     print(f"preprocessed {s['patients']} patients ({s['mode']}) into {s['out_dir']} in {s['seconds']:.1f} s; "
           f"images {s['images']}, boxes {s['annotations']}"
           + (f"; Table 1 -> {s['table1']}" if "table1" in s else ""))

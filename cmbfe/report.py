@@ -242,8 +242,8 @@ def fe_examples(run_dir: Path, pre: Path, n: int = 3) -> dict[str, Any]:
     """FE maps (``CMBDetector.fe_maps``) for the ``n`` test slices with the most CMB pixels, as numpy."""
     import torch
 
-    from cmbfe.data import SliceDataset
     from cmbfe.config import load
+    from cmbfe.data import SliceDataset
     from cmbfe.predict import load_model
 
     model = load_model(run_dir)

@@ -248,8 +248,11 @@ def test_valdo_cohort(tmp_path):
         nib.save(nib.Nifti1Image(mask, aff), d / f"{sub}_space-T2S_CMB.nii.gz")
     out = tmp_path / "PRE"
     cfg = tiny_cfg(split_ratios={"train": 1, "val": 0, "test": 1})
-    with pytest.warns(UserWarning, match="split val has no patients"):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         s = preprocess_cohort(tmp_path / "valdo", out, cfg, progress=False)
+    msgs = [str(w.message) for w in caught]
+    assert "split val has no patients" in msgs and any("mimic-only negative" in m for m in msgs)
     assert s["mode"] == "valdo" and s["splits"] == {"train": 1, "val": 0, "test": 1}
     train = json.loads((out / "annotations" / "train.json").read_text())
     boxes = sorted(a["bbox"] for a in train["annotations"])
@@ -281,7 +284,8 @@ def test_cli_bad_input_leaves_nothing(raw, tmp_path):
             "--set", "preprocess.n4_iterations=[3]", "--set", "preprocess.workers=1"]
     assert cli_main(args) == 2
     assert not out.exists() and list(out.parent.iterdir()) == []
-    empty = ["preprocess", "--input", str(tmp_path / "empty"), "--out", str(out), "--no-progress"]
+    empty = ["preprocess", "--input", str(tmp_path / "empty"), "--out", str(out), "--no-progress",
+             "--results", str(tmp_path / "r")]
     assert cli_main(empty) == 2  # no such folder
     (tmp_path / "empty").mkdir()
     assert cli_main(empty) == 2  # no patient folder in it
