@@ -222,11 +222,11 @@ def fe_difference_tiles(cfg: Config, ev: dict, pre: Path, n: int = 8) -> tuple[A
             ax.text(0.5, 0.5, f"{title}: none at these operating points", ha="center", va="center")
             return fig
         ims, gts, dts, crops, titles = [], [], [], [], []
-        for im_id, box, label in items:
-            meta = images[im_id]
+        for row, box, label in items:  # row: image row of ``gt`` (not the COCO id)
+            meta = images[int(gt.image_ids[row])]
             arr = read_png(Path(pre) / "images" / meta["file_name"])
             ims.append(arr)
-            gts.append(gt.boxes[gt.box_image == im_id])
+            gts.append(gt.boxes[gt.box_image == row])
             dts.append(box.reshape(-1, 4))
             crops.append(viz.crop_around(box, 48, arr.shape))
             titles.append(f"{meta.get('patient_id', '')} z{meta.get('slice_index', '')} {label}")

@@ -1,0 +1,50 @@
+"""Patient-level CV folds and the paper's numbers in the study tables (no training)."""
+
+import json
+
+import numpy as np
+import pandas as pd
+from test_data import make_pre
+
+from cmbfe import config, experiments, paper, report
+
+
+def test_folds_are_patient_disjoint_and_cover_everyone(tmp_path, monkeypatch):
+    pre = make_pre(tmp_path, {"train": ["P01", "P02", "P03"], "val": ["P04"], "test": ["P05", "P06"]})
+    cfg = config.load("smoke", ["study.folds=3", f"data_dir={tmp_path}/d"])
+    dirs = experiments._fold_dirs(cfg, pre)
+    assert len(dirs) == 3
+    tested = []
+    for d in dirs:
+        splits = {s: json.loads((d / "annotations" / f"{s}.json").read_text()) for s in ("train", "val", "test")}
+        pats = {s: {im["patient_id"] for im in c["images"]} for s, c in splits.items()}
+        assert not (pats["train"] & pats["test"]) and not (pats["val"] & pats["test"])
+        assert not (pats["train"] & pats["val"])
+        test = splits["test"]
+        n_pos = sum(bool(im["has_cmb"]) for im in test["images"])
+        assert len(test["images"]) - n_pos <= n_pos  # as many CMB-free slices as CMB slices, at most
+        ids = {im["id"] for im in test["images"]}
+        assert all(a["image_id"] in ids for a in test["annotations"])
+        assert (d / "images").is_symlink()
+        tested += sorted(pats["test"])
+    assert sorted(tested) == [f"P0{i}" for i in range(1, 7)]
+
+
+def test_cv_summary_sets_paper_beside_this_run():
+    cfg = config.load("smoke")
+    folds = pd.DataFrame({"fold": [0, 1], "AP SSD": [0.5, 0.7], "AP SSD-FE": [0.6, 0.7],
+                          "AP difference (FE - SSD)": [0.1, 0.0]})
+    s = experiments.cv_summary(cfg, folds)
+    assert np.isclose(s.loc[0, f"mean AP {report.RUN}"], 0.6)
+    assert s.loc[1, f"mean AP, 10 folds {report.PAPER}"] == paper.CV_MEAN_AP[True]
+    assert all("(this run)" in c or "(paper, private data)" in c or c in ("model", "folds") for c in s.columns)
+
+
+def test_unknown_ablation_is_named(tmp_path):
+    cfg = config.load("smoke", ["study.ablations=[nope]"])
+    try:
+        experiments.ablations(cfg, tmp_path)
+    except ValueError as e:
+        assert "nope" in str(e)
+    else:  # pragma: no cover
+        raise AssertionError("expected ValueError")
