@@ -6,7 +6,8 @@ flat keys of ``params/P.yaml``'s ``notebooks: {NN_name: {...}}`` section, after 
 against the names assigned in the parameters cell (papermill itself only logs unknown ones).
 
 Executed copies go to ``results/notebooks/`` (``results/<profile>/notebooks/`` for non-default profiles). A notebook whose source, parameters, profile
-config and package code are unchanged since its last successful run is skipped unless ``--force``.
+config and package code are unchanged since its last successful run on this machine (its data folder
+exists) is skipped unless ``--force``; a fresh clone therefore regenerates everything.
 A failure names the notebook and the cell and leaves earlier results in place.
 """
 
@@ -182,7 +183,8 @@ def reproduce(profile: str, *, only: list[str] | None = None, force: bool = Fals
     for nb, name, params in jobs:
         stamp = _stamp(cfg, nb, params)
         target = out_dir / f"{name}.ipynb"
-        if not force and stamps.get(name) == stamp and target.exists():
+        local = (cfg.data_path() / "data_key.json").exists()  # a fresh clone has committed results, no data
+        if not force and local and stamps.get(name) == stamp and target.exists():
             print(f"[cmbfe reproduce] {name}: unchanged, skipped (use --force to rerun)", flush=True)
             continue
         print(f"[cmbfe reproduce] {name}: running with {params}", flush=True)
