@@ -142,15 +142,10 @@ def load_gt(pre: Path, split: str = "test") -> dict:
 
 
 def save_figure(fig: Any, cfg: Config, name: str) -> list[Path]:
-    """Save a matplotlib figure as PNG and PDF under the profile's figures folder, deterministically."""
-    out = []
-    for ext, meta in (("png", {"Software": None}), ("pdf", {"CreationDate": None, "Producer": None})):
-        p = figures_dir(cfg) / f"{name}.{ext}"
-        tmp = p.with_name(f".{p.name}.tmp.{ext}")
-        fig.savefig(tmp, dpi=150, bbox_inches="tight", metadata=meta)
-        tmp.replace(p)
-        out.append(p)
-    return out
+    """Save a matplotlib figure as PNG and PDF under the profile's figures folder (see viz.save_figure)."""
+    from cmbfe.viz import save_figure as _save
+
+    return _save(fig, figures_dir(cfg) / name)
 
 
 def save_table(df: pd.DataFrame, cfg: Config, stem: str, caption: str = "") -> Path:
