@@ -12,8 +12,8 @@ The policy, applied in this order, each step independently with its probability 
    isotropic scale U[``scale``] (paper: [0.8, 0.95]), bilinear interpolation, zero fill.
 
 Boxes are ``xyxy`` in continuous pixel coordinates (``tv_tensors.BoundingBoxes``, format XYXY). They follow
-the geometry; a rotated box becomes the axis-aligned box of its rotated corners. Afterwards boxes are
-clipped to the image (``ClampBoundingBoxes``) and boxes narrower/shorter than 1 px or with area < 1 px^2 are
+the geometry; a rotated box becomes the axis-aligned box of its rotated corners. After the affine step boxes
+are clipped to the image (``ClampBoundingBoxes``) and boxes narrower/shorter than 1 px or with area < 1 px^2 are
 dropped together with their labels (``SanitizeBoundingBoxes``). Images with no boxes pass through.
 
 Randomness: every step draws from torch's global CPU generator. Pass ``seed=`` to :meth:`Augment.__call__`
@@ -120,8 +120,9 @@ class Augment:
         if self._hit(self.cfg.p_blur):
             s["image"] = self._blur(s["image"])
         if self._hit(self.cfg.p_affine):
-            s = self._affine(h, w)(s)
-        s = self._sanitize(self._clamp(s))
+            # only the affine step changes box size; flips are exact up to float rounding, and a 1-px box
+            # must not be dropped because w - x0 - (w - x2) rounded to 0.99999
+            s = self._sanitize(self._clamp(self._affine(h, w)(s)))
         return (
             s["image"].as_subclass(Tensor),
             s["boxes"].as_subclass(Tensor).reshape(-1, 4),

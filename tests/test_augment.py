@@ -131,3 +131,14 @@ def test_affine_translation_bound_in_pixels():
         _, b = aug(torch.zeros(1, 128, 128), boxes, seed=seed)
         shifts.append((b[0, :2] - boxes[0, :2]).abs().max().item())
     assert max(shifts) <= 15.0 + 1e-4 and max(shifts) >= 5.0
+
+
+def test_flip_keeps_one_pixel_edge_box():
+    """Regression (CI, hypothesis): a 1-px box at the edge whose flipped width rounds to 0.99999 was dropped."""
+    image = torch.rand(3, 16, 17)
+    boxes = torch.tensor([[0.0, 31.1848 % 16, 1.0, 31.1848 % 16 + 1.0]])
+    cfg = dataclasses.replace(OFF, hflip=1.0)
+    once, b1 = build_augment(cfg)(image, boxes)
+    twice, b2 = build_augment(cfg)(once, b1)
+    assert b1.shape == (1, 4) and b2.shape == (1, 4)
+    torch.testing.assert_close(b2, boxes, atol=1e-4, rtol=0)
