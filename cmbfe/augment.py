@@ -146,6 +146,48 @@ class Augment:
             return self.apply(image, boxes, labels)
 
 
+def random_window(
+    image: Tensor,
+    boxes: Tensor,
+    labels: Tensor,
+    side: int,
+    generator: torch.Generator,
+    p_positive: float = 0.75,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """A random ``side x side`` window of ``image`` [C,H,W] with the boxes (xyxy px) whose centre it holds.
+
+    With probability ``p_positive`` (and at least one box) the window is placed uniformly among the
+    positions that hold one randomly chosen box whole, so that most windows contain a CMB; otherwise it is
+    placed uniformly over the image. Kept boxes are shifted into the window and clipped to it; labels
+    follow. Images not larger than ``side`` are returned unchanged. Randomness comes from ``generator``.
+    """
+    h, w = image.shape[-2:]
+    if side <= 0 or (h <= side and w <= side):
+        return image, boxes, labels
+    sh, sw = min(side, h), min(side, w)
+
+    def pick(lo: int, hi: int) -> int:
+        return int(torch.randint(lo, hi + 1, (1,), generator=generator).item()) if hi > lo else lo
+
+    if len(boxes) and float(torch.rand((), generator=generator)) < p_positive:
+        b = boxes[int(torch.randint(len(boxes), (1,), generator=generator).item())]
+        x0 = pick(max(0, math.ceil(float(b[2])) - sw), max(0, min(w - sw, math.floor(float(b[0])))))
+        y0 = pick(max(0, math.ceil(float(b[3])) - sh), max(0, min(h - sh, math.floor(float(b[1])))))
+    else:
+        x0, y0 = pick(0, w - sw), pick(0, h - sh)
+    x0, y0 = min(x0, w - sw), min(y0, h - sh)
+    window = image[..., y0 : y0 + sh, x0 : x0 + sw]
+    if not len(boxes):
+        return window, boxes.reshape(-1, 4), labels
+    shifted = boxes - torch.tensor([x0, y0, x0, y0], dtype=boxes.dtype)
+    cx, cy = (shifted[:, 0] + shifted[:, 2]) / 2, (shifted[:, 1] + shifted[:, 3]) / 2
+    keep = (cx >= 0) & (cx < sw) & (cy >= 0) & (cy < sh)
+    kept = shifted[keep]
+    kept[:, 0::2] = kept[:, 0::2].clamp(0, sw)
+    kept[:, 1::2] = kept[:, 1::2].clamp(0, sh)
+    return window, kept.reshape(-1, 4), labels[keep]
+
+
 def build_augment(cfg: AugmentConfig) -> Callable[..., tuple[Tensor, Tensor]]:
     """The paper's augmentation policy as a callable ``(image, boxes, *, seed=None) -> (image, boxes)``.
 

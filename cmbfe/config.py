@@ -78,11 +78,15 @@ class ModelConfig:
     """Detector: SSD at ``size`` px input on a named backbone."""
 
     backbone: str = "vgg16"  # vgg16 | resnet34 | mobilenet_v3
-    size: int = 300
+    size: int = 300  # network input side for a whole slice (px); priors are fractions of it
+    # > 0: train on random windows of this many network px (a window of train_crop * W / size slice px,
+    # resized like whole slices); the tail is built for the window, inference still runs on whole slices
+    train_crop: int = 0
     priors: str = "paper"  # paper (standard SSD scales) | cmb (sized to 2-10 mm CMBs)
     input: str = "gray3"  # gray3 (slice replicated) | 2.5d (slices z-1, z, z+1)
     width: float = 1.0  # channel-width multiplier (<1 for CPU profiles)
     pretrained: bool = False  # ImageNet weights from the local torchvision cache only
+    batch_norm: bool = False  # VGG-16 with BatchNorm after each conv (from scratch); ResNet/MobileNet always have BN
     score_thresh: float = 0.01
     detections_per_img: int = 100
     nms_thresh: float = 0.45
@@ -135,7 +139,7 @@ class TrainConfig:
     channels_last: bool = True  # CUDA only
     checkpoint_every: int = 1000
     log_every: int = 50
-    val_every: int = 0  # 0: only at the end
+    val_every: int = 0  # 0: only at the end; -1: never
     device: str = "auto"  # auto | cpu | cuda
     tensorboard: bool = False
 
@@ -168,6 +172,10 @@ class StudyConfig:
     ablation_iterations: int = 0  # 0: same as train.iterations
     ablation_seeds: int = 1  # how many of ``seeds`` each ablation setting is trained with
     reduced: str = ""  # what this profile reduces relative to the paper (printed in captions)
+    # overrides (``section__key: value``) for the cross-validation, Table 3 and ablation runs, e.g. a cheaper
+    # resolution on CPU; listed in ``reduced``
+    secondary: dict[str, Any] = field(default_factory=dict)
+    jobs: int = 1  # concurrent executions of a multi-configuration notebook (03_train) in `cmbfe reproduce`
 
 
 @dataclass
@@ -296,6 +304,16 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"notebooks.{name}: expected a mapping of parameters or a list of them")
     if cfg.synth.patients < 1:
         raise ConfigError("synth.patients must be >= 1")
+    for key in cfg.study.secondary:
+        sec, _, name = key.partition("__")
+        section = getattr(cfg, sec, None) if sec in {f for f in Config.__dataclass_fields__} else None
+        if section is None or not hasattr(section, "__dataclass_fields__") or name not in section.__dataclass_fields__:
+            raise ConfigError(f"study.secondary: unknown key '{key}' (use section__key, e.g. model__size)")
+    if cfg.study.jobs < 1:
+        raise ConfigError(f"study.jobs must be >= 1, got {cfg.study.jobs}")
+    crop = cfg.model.train_crop
+    if crop and not (128 <= crop < cfg.model.size):
+        raise ConfigError(f"model.train_crop must be 0 or in [128, model.size={cfg.model.size}), got {crop}")
     return cfg
 
 

@@ -31,6 +31,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset, Sampler
 
+from cmbfe.augment import random_window
 from cmbfe.io import InputError
 
 INPUTS = ("gray3", "2.5d")
@@ -98,6 +99,9 @@ class SliceDataset(Dataset):
 
     ``cache``: number of decoded PNG slices kept in memory per process (``-1`` unbounded, ``0`` none); the
     default data set (~2500 slices at 256^2, ~160 MB as uint8) fits in RAM.
+    ``window`` > 0: after augmentation, return a random ``window x window`` px window
+    (:func:`cmbfe.augment.random_window`, a CMB-holding one with probability ``window_positive``), seeded
+    by the draw seed like the augmentation.
     """
 
     def __init__(
@@ -110,6 +114,8 @@ class SliceDataset(Dataset):
         negatives_ratio: float | None = None,
         seed: int = 0,
         cache: int = -1,
+        window: int = 0,
+        window_positive: float = 0.75,
     ) -> None:
         if input not in INPUTS:
             raise ValueError(f"input must be one of {INPUTS}, got {input!r}")
@@ -117,6 +123,7 @@ class SliceDataset(Dataset):
         self.split = split
         self.input = input
         self.augment = augment
+        self.window, self.window_positive = int(window), float(window_positive)
         self.coco = load_coco(self.pre_dir, split)
         self._cache = _LRU(cache)
         by_image: dict[int, list[dict[str, Any]]] = {}
@@ -190,6 +197,13 @@ class SliceDataset(Dataset):
                 image, boxes = self.augment(image, target["boxes"])
                 labels = torch.ones(boxes.shape[0], dtype=torch.int64)
             target = {**target, "boxes": boxes.reshape(-1, 4).float(), "labels": labels}
+        if self.window:
+            s = seed if seed is not None else int(torch.randint(2**31, (1,)).item())
+            g = torch.Generator().manual_seed((s * 6364136223846793005 + 1442695040888963407) % 2**63)
+            image, boxes, labels = random_window(
+                image, target["boxes"], target["labels"], self.window, g, self.window_positive
+            )
+            target = {**target, "boxes": boxes, "labels": labels}
         return image, target
 
 

@@ -74,7 +74,8 @@ def cross_validate(cfg: Config, pre: Path) -> pd.DataFrame:
     for f, d in enumerate(_fold_dirs(cfg, pre)):
         row: dict[str, Any] = {"fold": f}
         for fe in (False, True):
-            c = study.with_overrides(cfg, fe__enabled=fe, train__iterations=its, train__val_every=0)
+            c = study.with_overrides(cfg, fe__enabled=fe, train__iterations=its, train__val_every=0,
+                                     **cfg.study.secondary)
             run = study.ensure_run(c, data=d)
             r = evaluate_run(c, run, d, bootstrap=0)
             row[f"AP {'SSD-FE' if fe else 'SSD'}"] = r["metrics"]["ap_voc"]
@@ -119,7 +120,7 @@ def table3(cfg: Config, pre: Path) -> pd.DataFrame:
     from cmbfe.models import build_model
     from cmbfe.predict import resolve_device
     from cmbfe.reproduce import device_description
-    from cmbfe.train import build_optimizer, step_time
+    from cmbfe.train import build_optimizer, step_time, window_px
 
     its = cfg.study.timing_iterations or cfg.train.iterations
     device = resolve_device(cfg.train.device)
@@ -128,7 +129,8 @@ def table3(cfg: Config, pre: Path) -> pd.DataFrame:
     rows = []
     for spec in cfg.study.timing_backbones:
         backbone, size = spec.split(":")
-        base = study.with_overrides(cfg, model__backbone=backbone, model__size=int(size),
+        base = study.with_overrides(cfg, **{**cfg.study.secondary, "model__backbone": backbone,
+                                               "model__size": int(size)},
                                     train__iterations=its, train__val_every=0)
         row: dict[str, Any] = {"backbone": backbone, "input": f"{size}x{size}"}
         for fe in (False, True):
@@ -137,7 +139,8 @@ def table3(cfg: Config, pre: Path) -> pd.DataFrame:
             row[f"precision@90% {'SSD-FE' if fe else 'SSD'} {RUN}"] = r["metrics"]["precision_at_sensitivity_0.9"]
             row[f"AP {'SSD-FE' if fe else 'SSD'} {RUN}"] = r["metrics"]["ap_voc"]
         ds = SliceDataset(pre, "train", input=base.model.input, negatives_ratio=0)
-        batch = [ds[i % len(ds)] for i in range(cfg.study.timing_batch)]
+        ds.window = window_px(base.model, ds)  # time the step that training runs (windows when configured)
+        batch = [ds[(i % len(ds), i)] for i in range(cfg.study.timing_batch)]
         images = [b[0].to(device) for b in batch]
         targets = [{"boxes": b[1]["boxes"].to(device), "labels": b[1]["labels"].to(device)} for b in batch]
         torch.manual_seed(0)
@@ -199,7 +202,8 @@ def ablations(cfg: Config, pre: Path) -> pd.DataFrame:
         for label, over in ABLATIONS[name]:
             res = []
             for s in seeds:
-                c = study.with_overrides(cfg, train__iterations=its, train__seed=s, train__val_every=0, **over)
+                c = study.with_overrides(cfg, **{**cfg.study.secondary, "train__iterations": its,
+                                                 "train__seed": s, "train__val_every": 0, **over})
                 res.append(evaluate_run(c, study.ensure_run(c), pre))
             results.append((label, res))
         ref = results[0][1][0]

@@ -10,6 +10,13 @@ image passed in (detections are mapped back to that frame by torchvision's postp
 0 background, 1 cmb. The network input is assumed to span the 240 mm FOV (``FOV_MM``), so a pixel
 of the resized input is ``240 / size`` mm and prior scales in mm are size independent.
 
+Training windows (``model.train_crop`` > 0): the data pipeline cuts square windows of
+``train_crop * W / size`` slice pixels, the transform resizes them to ``train_crop`` px in training mode
+(same pixel scale as a whole slice at ``size``) and default boxes are fixed in network pixels
+(:class:`PixelBoxGenerator`), so a prior is the same box on a window and on a whole slice. The extras are
+built for the window side and also accept the whole slice; ``eval()`` switches back to ``size``. This
+is how the CPU profile trains SSD-512 at the cost of SSD-256 per image.
+
 Feature maps always come from a dry run (``meta`` device; CPU for MobileNet), never from a table. Extras
 (VGG-16 and ResNet-34) follow one rule reproducing the SSD paper: 3x3 stride-2 convs while the map
 is larger than 5, then 3x3 valid convs, and a final 4x4 pad-1 conv for a 2x2 map, down to 1x1:
@@ -157,10 +164,14 @@ class VGG16Backbone(SSDBackbone):
 
     first_source = "conv4_3 (stride 8) after L2Norm"
 
-    def __init__(self, size: int, width: float, pretrained: bool, placement: str):
+    def __init__(self, size: int, width: float, pretrained: bool, placement: str, batch_norm: bool = False):
         super().__init__(placement)
+        if pretrained and batch_norm:
+            raise ValueError("model.batch_norm=true has no ImageNet weights here (VGG-16 features are plain)")
         cfg = [c if c == "M" else _ch(int(c), width) for c in vgg.cfgs["D"]]  # VGG-16 layout
-        trunk = vgg.make_layers(cfg)  # indices identical to torchvision's vgg16().features
+        # without BN the indices are identical to torchvision's vgg16().features; BN (vgg16_bn layout)
+        # is for training from scratch, where it converges several times faster
+        trunk = vgg.make_layers(cfg, batch_norm=batch_norm)
         if pretrained:
             state = _imagenet_state("vgg16")
             trunk.load_state_dict({k[9:]: v for k, v in state.items() if k.startswith("features.")})
@@ -327,6 +338,31 @@ def prior_spec(priors: str, n_maps: int, fmap_sizes: list[int] | None = None) ->
     return ratios, scales
 
 
+class PixelBoxGenerator(DefaultBoxGenerator):
+    """torchvision's ``DefaultBoxGenerator`` with box sizes fixed in network pixels.
+
+    torchvision gives default-box sizes as fractions of the input side, so a 256-px training window would
+    get boxes half the pixel size of those on a 512-px whole slice. Here ``scales`` are fractions of
+    ``ref_size`` (the model's whole-slice input ``size``) and, for any other input side, the sizes are
+    rescaled so that a prior covers the same number of pixels on windows and on whole slices. Centres stay
+    at ``(j + 0.5) / f_k`` of each map. At ``ref_size`` the boxes equal ``DefaultBoxGenerator``'s exactly.
+    """
+
+    def __init__(self, aspect_ratios: list[list[int]], scales: list[float], ref_size: int) -> None:
+        super().__init__(aspect_ratios, scales=scales, steps=None)
+        self.ref_size = int(ref_size)
+
+    def _grid_default_boxes(
+        self, grid_sizes: list[list[int]], image_size: list[int], dtype: torch.dtype = torch.float32
+    ) -> Tensor:
+        boxes = super()._grid_default_boxes(grid_sizes, image_size, dtype=dtype)
+        h, w = int(image_size[0]), int(image_size[1])
+        if (h, w) == (self.ref_size, self.ref_size):
+            return boxes
+        f = torch.tensor([self.ref_size / w, self.ref_size / h], dtype=dtype)
+        return torch.cat([boxes[:, :2], boxes[:, 2:] * f], dim=1)
+
+
 class CMBDetector(SSD):
     """torchvision ``SSD`` (2 classes) whose backbone's first source is enhanced by FE during training.
 
@@ -336,9 +372,14 @@ class CMBDetector(SSD):
 
     def __init__(self, backbone: SSDBackbone, model_cfg: ModelConfig, fe_cfg: FEConfig, **kwargs: Any):
         size = model_cfg.size
-        shapes = [tuple(v.shape[1:]) for v in _meta_out(backbone, 3, size, backbone.dry_run_device).values()]
+        try:
+            out = _meta_out(backbone, 3, size, backbone.dry_run_device)
+        except RuntimeError as e:  # a window-built tail that cannot take the whole slice
+            raise ValueError(f"model.train_crop={model_cfg.train_crop}: the network built for that window "
+                             f"does not accept a {size}-px whole slice ({e})") from e
+        shapes = [tuple(v.shape[1:]) for v in out.values()]
         ratios, scales = prior_spec(model_cfg.priors, len(shapes), [int(s[-1]) for s in shapes])
-        anchors = DefaultBoxGenerator(ratios, scales=scales, steps=None)
+        anchors = PixelBoxGenerator(ratios, scales, size)
         channels = [int(s[0]) for s in shapes]
         n_anchors = anchors.num_anchors_per_location()
         if isinstance(backbone, MobileNetV3Backbone):
@@ -356,8 +397,22 @@ class CMBDetector(SSD):
             detections_per_img=model_cfg.detections_per_img, **kwargs,
         )  # fmt: skip
         self.model_cfg, self.fe_cfg, self.size = model_cfg, fe_cfg, size
+        self.train_crop = int(model_cfg.train_crop)
         self.feature_shapes: list[tuple[int, int, int]] = [(int(c), int(h), int(w)) for c, h, w in shapes]
         self.progress = 0.0
+        self.train(self.training)
+
+    @property
+    def input_side(self) -> int:
+        """Side (px) the transform resizes inputs to now: ``train_crop`` in training with windows, else ``size``."""
+        return int(self.transform.fixed_size[0])  # type: ignore[index]
+
+    def train(self, mode: bool = True) -> CMBDetector:
+        """``nn.Module.train``; also switches the input side (windows ``train_crop`` vs whole slice ``size``)."""
+        super().train(mode)
+        side = self.train_crop if (mode and self.train_crop) else self.size
+        self.transform.min_size, self.transform.max_size, self.transform.fixed_size = (side,), side, (side, side)
+        return self
 
     def set_progress(self, t: float) -> None:
         """Set the training fraction ``t`` in [0, 1] that drives the FE alpha schedule."""
@@ -371,7 +426,7 @@ class CMBDetector(SSD):
     def _fe_context(self, images: list[Tensor], targets: list[dict[str, Tensor]]) -> FEContext:
         """FE context for a batch: target boxes mapped to the resized input (as the transform does)."""
         boxes = [
-            resize_boxes(t["boxes"].float(), list(img.shape[-2:]), [self.size, self.size])
+            resize_boxes(t["boxes"].float(), list(img.shape[-2:]), [self.input_side, self.input_side])
             for img, t in zip(images, targets)
         ]
         mean, std = self.transform.image_mean[1], self.transform.image_std[1]
@@ -426,7 +481,7 @@ class CMBDetector(SSD):
             })  # fmt: skip
         cfg = self.model_cfg
         return {
-            "backbone": cfg.backbone, "size": self.size, "width": cfg.width, "pretrained": cfg.pretrained,
+            "backbone": cfg.backbone, "batch_norm": cfg.batch_norm, "size": self.size, "train_crop": self.train_crop, "width": cfg.width, "pretrained": cfg.pretrained,
             "input": cfg.input, "priors": cfg.priors, "mm_per_px": mm_px, "fov_mm": FOV_MM,
             "scales": [round(s, 5) for s in gen.scales], "feature_maps": maps,
             "num_anchors": sum(n * h * w for (_, h, w), n in zip(self.feature_shapes, gen.num_anchors_per_location())),
@@ -452,8 +507,12 @@ def build_model(model_cfg: ModelConfig, fe_cfg: FEConfig) -> CMBDetector:
         raise ValueError(f"model.width must be > 0, got {model_cfg.width}")
     if model_cfg.pretrained and model_cfg.width != 1.0:
         raise ValueError(f"model.pretrained=true needs model.width=1.0 (got {model_cfg.width})")
+    crop = model_cfg.train_crop
+    if crop and not (128 <= crop < model_cfg.size):
+        raise ValueError(f"model.train_crop must be 0 or in [128, model.size={model_cfg.size}), got {crop}")
+    extra = {"batch_norm": model_cfg.batch_norm} if model_cfg.backbone == "vgg16" else {}
     backbone = BACKBONES[model_cfg.backbone](
-        model_cfg.size, model_cfg.width, model_cfg.pretrained, fe_cfg.placement
+        crop or model_cfg.size, model_cfg.width, model_cfg.pretrained, fe_cfg.placement, **extra
     )
     return CMBDetector(backbone, model_cfg, fe_cfg)
 

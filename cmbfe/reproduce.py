@@ -9,6 +9,9 @@ Executed copies go to ``results/notebooks/`` (``results/<profile>/notebooks/`` f
 config and package code are unchanged since its last successful run on this machine (its data folder
 exists) is skipped unless ``--force``; a fresh clone therefore regenerates everything.
 A failure names the notebook and the cell and leaves earlier results in place.
+``study.jobs`` > 1 runs the executions of a multi-configuration notebook (03_train) side by side, each
+kernel with ``CMBFE_THREADS = cores / jobs`` (tiny CPU convolutions scale poorly with threads, so two
+one-thread trainings finish sooner than two two-thread ones in a row).
 """
 
 from __future__ import annotations
@@ -17,10 +20,13 @@ import argparse
 import ast
 import hashlib
 import json
+import multiprocessing as mp
+import os
 import platform
 import subprocess
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -149,12 +155,31 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def reproduce(profile: str, *, only: list[str] | None = None, force: bool = False,
-              overrides: tuple[str, ...] = ()) -> int:
-    """Run the study notebooks for ``profile``; return 0 on success, 1 on a notebook failure."""
+def _execute(run: tuple[str, str, dict[str, Any], int]) -> dict[str, Any]:
+    """Execute one notebook with papermill (in this process or a pool worker); never raises on a cell error.
+
+    ``run`` = (notebook, output path, parameters, torch threads for the kernel or 0 to inherit).
+    Returns ``{"seconds", "error"}`` with ``error`` naming the failing cell, or None.
+    """
     import papermill as pm
     from papermill.exceptions import PapermillExecutionError
 
+    nb, out, params, threads = run
+    if threads:
+        os.environ["CMBFE_THREADS"] = str(threads)  # inherited by the kernel this process starts
+    t0 = time.perf_counter()
+    try:
+        pm.execute_notebook(nb, out, parameters=params, cwd=str(REPO_ROOT), kernel_name="python3",
+                            progress_bar=False, log_output=False)
+    except PapermillExecutionError as e:
+        return {"seconds": time.perf_counter() - t0,
+                "error": f"cell {e.cell_index} (execution {e.exec_count}): {e.ename}: {e.evalue}"}
+    return {"seconds": time.perf_counter() - t0, "error": None}
+
+
+def reproduce(profile: str, *, only: list[str] | None = None, force: bool = False,
+              overrides: tuple[str, ...] = ()) -> int:
+    """Run the study notebooks for ``profile``; return 0 on success, 1 on a notebook failure."""
     from cmbfe.study import results_dir
 
     cfg = config.load(profile, list(overrides))
@@ -180,6 +205,7 @@ def reproduce(profile: str, *, only: list[str] | None = None, force: bool = Fals
         for i, params in enumerate(sets):
             name = nb.stem if len(sets) == 1 else f"{nb.stem}-{i + 1:02d}"
             jobs.append((nb, name, params))
+    pending = []
     for nb, name, params in jobs:
         stamp = _stamp(cfg, nb, params)
         target = out_dir / f"{name}.ipynb"
@@ -187,24 +213,47 @@ def reproduce(profile: str, *, only: list[str] | None = None, force: bool = Fals
         if not force and local and stamps.get(name) == stamp and target.exists():
             print(f"[cmbfe reproduce] {name}: unchanged, skipped (use --force to rerun)", flush=True)
             continue
-        print(f"[cmbfe reproduce] {name}: running with {params}", flush=True)
-        t0 = time.perf_counter()
-        tmp = out_dir / f".{name}.running.ipynb"
-        try:
-            pm.execute_notebook(str(nb), str(tmp), parameters=params, cwd=str(REPO_ROOT),
-                                kernel_name="python3", progress_bar=False, log_output=False)
-        except PapermillExecutionError as e:
-            print(f"[cmbfe reproduce] FAILED: {nb.name}, cell {e.cell_index} (execution {e.exec_count}): "
-                  f"{e.ename}: {e.evalue}\n  executed copy with the traceback: {tmp}", file=sys.stderr)
+        pending.append((nb, name, params, stamp))
+    # consecutive executions of one notebook (03_train's configurations) may run side by side
+    groups: list[list[tuple[Path, str, dict[str, Any], str]]] = []
+    for job in pending:
+        if groups and groups[-1][0][0] == job[0]:
+            groups[-1].append(job)
+        else:
+            groups.append([job])
+    n_jobs = max(1, int(cfg.study.jobs))
+    for group in groups:
+        width = min(n_jobs, len(group))
+        threads = max(1, (os.cpu_count() or 1) // width) if width > 1 else 0
+        for nb, name, params, _ in group:
+            print(f"[cmbfe reproduce] {name}: running with {params}", flush=True)
+        runs = [(str(nb), str(out_dir / f".{name}.running.ipynb"), params, threads) for nb, name, params, _ in group]
+        if width > 1:
+            with ProcessPoolExecutor(max_workers=width, mp_context=mp.get_context("spawn")) as pool:
+                results = list(pool.map(_execute, runs))
+        else:
+            results = []
+            for run in runs:
+                results.append(_execute(run))
+                if results[-1]["error"]:
+                    break
+        failed = False
+        for (nb, name, params, stamp), r in zip(group, results):
+            tmp = out_dir / f".{name}.running.ipynb"
+            if r["error"]:
+                print(f"[cmbfe reproduce] FAILED: {nb.name} ({name}), {r['error']}\n"
+                      f"  executed copy with the traceback: {tmp}", file=sys.stderr)
+                failed = True
+                continue
+            tmp.replace(out_dir / f"{name}.ipynb")
+            timings[name] = round(r["seconds"], 1)
+            stamps[name] = stamp
+            atomic_write_json(stamps_path, stamps)
+            atomic_write_json(timings_path, timings)
+            print(f"[cmbfe reproduce] {name}: done in {r['seconds']:.0f} s", flush=True)
+        if failed:
             status = 1
             break
-        tmp.replace(target)
-        seconds = time.perf_counter() - t0
-        timings[name] = round(seconds, 1)
-        stamps[name] = stamp
-        atomic_write_json(stamps_path, stamps)
-        atomic_write_json(timings_path, timings)
-        print(f"[cmbfe reproduce] {name}: done in {seconds:.0f} s", flush=True)
     provenance = {
         "profile": cfg.profile, "params_hash": cfg.hash(), "params_file": f"params/{cfg.profile}.yaml",
         "overrides": list(overrides), "git_commit": git_commit(), "device": device_description(),

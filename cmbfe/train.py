@@ -49,6 +49,7 @@ from torch.utils.data import DataLoader
 from cmbfe import config as C
 from cmbfe.augment import build_augment
 from cmbfe.data import InfiniteSampler, SliceDataset, collate_fn
+from cmbfe.io import InputError
 from cmbfe.predict import predict, resolve_device
 from cmbfe.utils import CSVLogger, atomic_write_bytes, atomic_write_json, seed_everything
 
@@ -200,6 +201,22 @@ def validate_split(
     return res["metrics"]
 
 
+def window_px(model_cfg: C.ModelConfig, ds: SliceDataset) -> int:
+    """Training-window side in slice pixels for ``model.train_crop`` (0: whole slices).
+
+    A window of ``train_crop * W / size`` px is resized to ``train_crop`` network px, the pixel scale of a
+    whole ``W``-px slice at ``size``. All images of the split must share one square size.
+    """
+    if not model_cfg.train_crop:
+        return 0
+    sizes = {(int(im["width"]), int(im["height"])) for im in ds.images}
+    if len(sizes) != 1 or len({*next(iter(sizes))}) != 1:
+        raise InputError(f"{ds.pre_dir}/annotations/{ds.split}.json: model.train_crop needs square slices of "
+                         f"one size, found {sorted(sizes)[:4]}")
+    side = next(iter(sizes))[0]
+    return max(1, round(model_cfg.train_crop * side / model_cfg.size))
+
+
 def _csv_value(v: Any) -> Any:
     return "" if v is None or (isinstance(v, float) and math.isnan(v)) else v
 
@@ -258,6 +275,7 @@ def fit(
         aug = build_augment(cfg.augment) if cfg.augment.enabled else None
         kw = {"input": cfg.model.input, "cache": tc.cache}
         ds = SliceDataset(pre, "train", augment=aug, negatives_ratio=tc.negatives_ratio, seed=tc.seed, **kw)
+        ds.window = window_px(cfg.model, ds)
         val_ds = None
         if main_proc and (pre / "annotations" / "val.json").is_file():
             val_ds = SliceDataset(pre, "val", **kw)
@@ -380,7 +398,7 @@ def fit(
             bar.update(1)
             if tc.checkpoint_every and done % tc.checkpoint_every == 0 and done < end:
                 checkpoint(done)
-            if tc.val_every and done % tc.val_every == 0 and done < tc.iterations:
+            if tc.val_every > 0 and done % tc.val_every == 0 and done < tc.iterations:
                 run_val(done)
         bar.close()
         final = end >= tc.iterations
@@ -388,7 +406,8 @@ def fit(
             checkpoint(end)
         if not final:
             return ckpt_path
-        run_val(tc.iterations)
+        if tc.val_every >= 0:
+            run_val(tc.iterations)
         train_s = elapsed + time.perf_counter() - t0
         if main_proc:
             save_torch(core.state_dict(), out / "model.pt")

@@ -34,6 +34,9 @@ extra = {k: v for k, v in {"model__backbone": backbone, "model__priors": priors,
 cfg = study.grid_config(base, size=size, fe=fe, seed=seed, **extra)
 pre = study.ensure_data(cfg)
 run = study.ensure_run(cfg)
+# test-set detections are computed here (cached in the run folder), so that side-by-side executions of this
+# notebook share the inference cost; 05_evaluate reads them
+study.ensure_predictions(run, pre, "test")
 print("run:", run.relative_to(config.REPO_ROOT))
 print(json.dumps(json.loads((run / "model.json").read_text()), indent=1)[:1500])
 

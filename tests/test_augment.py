@@ -142,3 +142,41 @@ def test_flip_keeps_one_pixel_edge_box():
     twice, b2 = build_augment(cfg)(once, b1)
     assert b1.shape == (1, 4) and b2.shape == (1, 4)
     torch.testing.assert_close(b2, boxes, atol=1e-4, rtol=0)
+
+
+def test_random_window_holds_a_box_and_shifts_boxes():
+    from cmbfe.augment import random_window
+
+    image = torch.arange(100 * 120, dtype=torch.float32).reshape(1, 100, 120).expand(3, -1, -1)
+    boxes = torch.tensor([[70.0, 10.0, 76.0, 15.0], [5.0, 80.0, 9.0, 84.0]])
+    labels = torch.tensor([1, 2])
+    seen = set()
+    for s in range(40):
+        g = torch.Generator().manual_seed(s)
+        win, b, lab = random_window(image, boxes, labels, 32, g, p_positive=1.0)
+        assert win.shape == (3, 32, 32) and len(b) >= 1 and len(b) == len(lab)
+        # the window is the image content at its offset, and a kept box is inside it with its size
+        x0, y0 = int(win[0, 0, 0].item()) % 120, int(win[0, 0, 0].item()) // 120
+        for box, k in zip(b, lab):
+            torch.testing.assert_close(box + torch.tensor([x0, y0, x0, y0], dtype=box.dtype), boxes[k - 1])
+        seen.update(lab.tolist())
+    assert seen == {1, 2}
+    # same generator seed -> same window; fewer-than-side images pass through; no boxes is fine
+    a = random_window(image, boxes, labels, 32, torch.Generator().manual_seed(3))
+    b2 = random_window(image, boxes, labels, 32, torch.Generator().manual_seed(3))
+    assert torch.equal(a[0], b2[0]) and torch.equal(a[1], b2[1])
+    small = torch.rand(3, 20, 20)
+    assert random_window(small, boxes[:0], labels[:0], 32, torch.Generator())[0] is small
+    win, b, lab = random_window(image, torch.zeros(0, 4), torch.zeros(0, dtype=torch.int64), 32,
+                                torch.Generator().manual_seed(0))
+    assert win.shape == (3, 32, 32) and b.shape == (0, 4) and lab.shape == (0,)
+
+
+def test_random_window_clips_boxes_cut_by_the_border():
+    from cmbfe.augment import random_window
+
+    image = torch.rand(3, 64, 64)
+    boxes = torch.tensor([[10.0, 10.0, 40.0, 40.0]])  # larger than the window: kept (centre inside), clipped
+    for s in range(10):
+        win, b, _ = random_window(image, boxes, torch.tensor([1]), 24, torch.Generator().manual_seed(s), 0.0)
+        assert ((b >= 0) & (b <= 24)).all()

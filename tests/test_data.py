@@ -197,3 +197,13 @@ def test_batches_independent_of_workers(pre):
     for (ia, ta), (ib, tb) in zip(first_batches(0), first_batches(2)):
         assert all(torch.equal(a, b) for a, b in zip(ia, ib))
         assert all(torch.equal(a["boxes"], b["boxes"]) for a, b in zip(ta, tb))
+
+
+def test_window_samples_are_reproducible_and_window_sized(pre):
+    ds = SliceDataset(pre, "train", augment=build_augment(AugmentConfig()), negatives_ratio=0, window=32)
+    a, ta = ds[(0, 11)]
+    b, tb = ds[(0, 11)]
+    assert a.shape == (3, 32, 32) and torch.equal(a, b) and torch.equal(ta["boxes"], tb["boxes"])
+    assert ((ta["boxes"] >= 0) & (ta["boxes"] <= 32)).all() and len(ta["boxes"]) == len(ta["labels"])
+    shapes = {ds[(i, i)][0].shape for i in range(len(ds))}
+    assert shapes == {(3, 32, 32)}

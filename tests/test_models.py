@@ -294,3 +294,64 @@ def test_cmb_priors_never_smaller_than_their_stride():
     _, unfloored = prior_spec("cmb", 7)
     _, floored = prior_spec("cmb", 7, [64, 32, 16, 8, 4, 2, 1])
     assert floored[0] == 1 / 64 > unfloored[0]  # at 512 px the 3 mm prior (6.4 px) is below the 8 px stride
+
+
+def test_pixel_box_generator_is_torchvision_at_ref_size_and_fixed_in_pixels():
+    from torchvision.models.detection.anchor_utils import DefaultBoxGenerator
+    from torchvision.models.detection.image_list import ImageList
+
+    from cmbfe.models import PixelBoxGenerator
+
+    ratios, scales = prior_spec("cmb", 3, [32, 16, 8])
+    ours, tv = PixelBoxGenerator(ratios, scales, 256), DefaultBoxGenerator(ratios, scales=scales)
+
+    def boxes(gen, side, grids):
+        feats = [torch.zeros(1, 1, g, g) for g in grids]
+        return gen(ImageList(torch.zeros(1, 3, side, side), [(side, side)]), feats)[0]
+
+    assert torch.equal(boxes(ours, 256, [32, 16, 8]), boxes(tv, 256, [32, 16, 8]))
+    full, half = boxes(ours, 256, [32, 16, 8]), boxes(ours, 128, [16, 8, 4])
+    wh_full, wh_half = full[:, 2:] - full[:, :2], half[:, 2:] - half[:, :2]
+    # the first map's 4 prior shapes are the same pixel sizes on the 128-px window as on the 256-px slice
+    torch.testing.assert_close(wh_half[:4], wh_full[:4])
+    # and centres sit on the window's own 8-px grid
+    centres = (half[:4][:, :2] + half[:4][:, 2:]) / 2
+    torch.testing.assert_close(centres, torch.full((4, 2), 4.0))
+    # torchvision's generator would halve them
+    tvh = boxes(tv, 128, [16, 8, 4])
+    torch.testing.assert_close((tvh[:4, 2:] - tvh[:4, :2]) * 2, wh_full[:4])
+
+
+@pytest.mark.parametrize("backbone", sorted(BACKBONES))
+def test_train_crop_windows_in_training_whole_slices_in_eval(backbone):
+    cfg = ModelConfig(backbone=backbone, size=256, train_crop=128, width=0.125, priors="cmb")
+    m = build_model(cfg, FEConfig(enabled=True))
+    assert m.training and m.input_side == 128
+    box = {"boxes": torch.tensor([[20.0, 20.0, 25.0, 26.0]]), "labels": torch.tensor([1])}
+    losses = m([torch.rand(3, 64, 64), torch.rand(3, 64, 64)], [box, box])  # 64-px windows of 128-px slices
+    assert all(torch.isfinite(v) for v in losses.values())
+    m.eval()
+    assert m.input_side == 256
+    out = m([torch.rand(3, 128, 128)])[0]
+    assert out["boxes"].shape[-1] == 4 and (out["boxes"] <= 128).all()
+    m.train()
+    assert m.input_side == 128 and m.describe()["train_crop"] == 128
+
+
+def test_train_crop_validated():
+    with pytest.raises(ValueError, match="train_crop"):
+        build_model(ModelConfig(size=256, train_crop=256, width=0.125), FEConfig())
+    with pytest.raises(ValueError, match="train_crop"):
+        build_model(ModelConfig(size=256, train_crop=64, width=0.125), FEConfig())
+
+
+def test_vgg_batch_norm_option():
+    plain = build_model(ModelConfig(size=128, width=0.125), FEConfig())
+    bn = build_model(ModelConfig(size=128, width=0.125, batch_norm=True), FEConfig())
+    n_bn = sum(isinstance(m, torch.nn.BatchNorm2d) for m in bn.backbone.modules())
+    assert n_bn == 13 and not any(isinstance(m, torch.nn.BatchNorm2d) for m in plain.backbone.modules())
+    assert bn.feature_shapes == plain.feature_shapes and bn.describe()["batch_norm"] is True
+    # ResNet-34 ignores the flag (it always has BN); pretrained BN-VGG is refused
+    build_model(ModelConfig(backbone="resnet34", size=128, width=0.125, batch_norm=True), FEConfig())
+    with pytest.raises(ValueError, match="batch_norm"):
+        build_model(ModelConfig(size=128, width=1.0, batch_norm=True, pretrained=True), FEConfig())

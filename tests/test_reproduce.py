@@ -1,4 +1,4 @@
-"""The study runner's checks, without executing any notebook."""
+"""The study runner: its checks without executing the study, and side-by-side execution of two tiny notebooks."""
 
 import json
 
@@ -68,3 +68,32 @@ def test_run_keys_separate_configurations():
     assert study.run_tag(b).endswith("fe-post_l2norm-constant-s0")
     assert study.data_key(a) == study.data_key(b)
     assert study.run_key(study.with_overrides(a, train__log_every=1)) == study.run_key(a)
+
+
+def _tiny_notebook(path, body: str) -> None:
+    import nbformat
+
+    nb = nbformat.v4.new_notebook()
+    params = nbformat.v4.new_code_cell("x = 1")
+    params.metadata["tags"] = ["parameters"]
+    nb.cells = [params, nbformat.v4.new_code_cell(body)]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, str(path))
+
+
+def test_side_by_side_executions_get_their_threads_and_report_the_failing_cell(tmp_path):
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    from cmbfe.reproduce import _execute
+
+    ok, bad = tmp_path / "ok.ipynb", tmp_path / "bad.ipynb"
+    _tiny_notebook(ok, "import os\nassert os.environ['CMBFE_THREADS'] == '3', os.environ.get('CMBFE_THREADS')\ny = x")
+    _tiny_notebook(bad, "raise ValueError('boom at ' + str(x))")
+    runs = [(str(ok), str(tmp_path / "ok.out.ipynb"), {"x": 2}, 3),
+            (str(bad), str(tmp_path / "bad.out.ipynb"), {"x": 5}, 3)]
+    with ProcessPoolExecutor(max_workers=2, mp_context=mp.get_context("spawn")) as pool:
+        r_ok, r_bad = pool.map(_execute, runs)
+    assert r_ok["error"] is None and r_ok["seconds"] > 0
+    assert r_bad["error"] is not None and "cell 2" in r_bad["error"] and "boom at 5" in r_bad["error"]
+    assert (tmp_path / "bad.out.ipynb").exists()  # the executed copy with the traceback is kept

@@ -13,6 +13,7 @@ from cmbfe import cli
 from cmbfe import config as C
 from cmbfe.config import ConfigError
 from cmbfe.data import SliceDataset, collate_fn
+from cmbfe.io import InputError
 from cmbfe.models import build_model
 from cmbfe.train import build_optimizer, fit, main, step_time
 
@@ -161,3 +162,15 @@ def test_step_time_and_schedule(pre):
     images, targets = collate_fn([SliceDataset(pre, "val")[i] for i in range(2)])
     t = step_time(model, images, targets, opt, repeats=2)
     assert len(t["times_s"]) == 2 and t["median_s"] > 0 and t["batch"] == 2
+
+
+def test_window_px_follows_pixel_scale(pre):
+    from cmbfe.data import SliceDataset
+    from cmbfe.train import window_px
+
+    ds = SliceDataset(pre, "train")  # 64-px slices
+    assert window_px(C.ModelConfig(size=256, train_crop=128), ds) == 32
+    assert window_px(C.ModelConfig(size=256), ds) == 0
+    ds.images = ds.images + [{**ds.images[0], "width": 80}]
+    with pytest.raises(InputError, match="square slices of one size"):
+        window_px(C.ModelConfig(size=256, train_crop=128), ds)
