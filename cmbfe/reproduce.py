@@ -112,11 +112,13 @@ def _stamp(cfg: Config, nb_path: Path, params: dict[str, Any]) -> str:
 
 
 def git_commit() -> str:
-    """The repository's HEAD commit (with ``+dirty`` if the tree has changes), or ``unknown``."""
+    """The repository's HEAD commit (``+dirty`` if tracked files other than the run's own outputs under
+    ``results/`` and ``figures/`` differ from it), or ``unknown``."""
     try:
         rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True,
                              text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                ":(exclude)results", ":(exclude)figures"], cwd=REPO_ROOT,
                                capture_output=True, text=True, check=False).stdout.strip()
         return rev + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
@@ -226,7 +228,10 @@ def reproduce(profile: str, *, only: list[str] | None = None, force: bool = Fals
         width = min(n_jobs, len(group))
         threads = max(1, (os.cpu_count() or 1) // width) if width > 1 else 0
         for nb, name, params, _ in group:
-            print(f"[cmbfe reproduce] {name}: running with {params}", flush=True)
+            print(f"[cmbfe reproduce] {name}: {'queued' if width > 1 else 'running'} with {params}", flush=True)
+        if width > 1:
+            print(f"[cmbfe reproduce] {len(group)} executions of {group[0][0].stem}, {width} at a time, "
+                  f"{threads} thread(s) each", flush=True)
         runs = [(str(nb), str(out_dir / f".{name}.running.ipynb"), params, threads) for nb, name, params, _ in group]
         if width > 1:
             with ProcessPoolExecutor(max_workers=width, mp_context=mp.get_context("spawn")) as pool:
