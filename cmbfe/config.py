@@ -175,7 +175,7 @@ class StudyConfig:
     # overrides (``section__key: value``) for the cross-validation, Table 3 and ablation runs, e.g. a cheaper
     # resolution on CPU; listed in ``reduced``
     secondary: dict[str, Any] = field(default_factory=dict)
-    jobs: int = 1  # concurrent executions of a multi-configuration notebook (03_train) in `cmbfe reproduce`
+    jobs: int = 1  # concurrent executions in `cmbfe reproduce` (03_train configurations; 06-08)
 
 
 @dataclass

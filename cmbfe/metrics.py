@@ -379,6 +379,36 @@ def attribute_fps(dets: Detections, fp_mask: np.ndarray, objects: SliceObjects) 
     return counts
 
 
+SIZE_BINS_MM: tuple[float, ...] = (0.0, 2.0, 3.0, 4.0, 6.0, float("inf"))
+"""Edges (mm) of :func:`recall_by_size`'s bins of GT box size (longer side), ``[lo, hi)``."""
+
+
+def recall_by_size(gt: GroundTruth, m: Matching, bins_mm: tuple[float, ...] = SIZE_BINS_MM,
+                   keep: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Sensitivity per bin of GT box size: the box's longer side in mm (``x1 - x0`` times ``dx``,
+    ``y1 - y0`` times ``dy`` from ``gt.image_spacing``), bins ``[bins_mm[i], bins_mm[i+1])``.
+
+    A GT box counts as found when ``m`` matched a detection to it (among ``keep``, a boolean mask over
+    detections, e.g. ``scores >= t``; all detections by default, i.e. the maximum sensitivity).
+    Returns ``edges`` (the bins), ``n`` (GT boxes per bin) and ``recall`` (nan in an empty bin).
+    """
+    edges = np.asarray(bins_mm, dtype=np.float64)
+    if edges.ndim != 1 or len(edges) < 2 or np.any(np.diff(edges) <= 0):
+        raise ValueError(f"bins_mm must be increasing edges, got {bins_mm!r}")
+    sp = gt.image_spacing[gt.box_image] if gt.n_gt else np.zeros((0, 2))
+    side = np.maximum((gt.boxes[:, 2] - gt.boxes[:, 0]) * sp[:, 1], (gt.boxes[:, 3] - gt.boxes[:, 1]) * sp[:, 0])
+    found = np.zeros(gt.n_gt, dtype=bool)
+    sel = m.gt_of_det >= 0 if keep is None else (m.gt_of_det >= 0) & np.asarray(keep, dtype=bool)
+    found[m.gt_of_det[sel]] = True
+    b = np.digitize(side, edges) - 1  # bin index; outside [edges[0], edges[-1]) -> -1 or len-1
+    nb = len(edges) - 1
+    n = np.array([(b == i).sum() for i in range(nb)], dtype=np.int64)
+    hit = np.array([(found & (b == i)).sum() for i in range(nb)], dtype=np.float64)
+    recall = np.full(nb, np.nan)
+    np.divide(hit, n, out=recall, where=n > 0)
+    return {"edges": edges, "n": n, "recall": recall}
+
+
 # ---------------------------------------------------------------- the one-call summary
 
 

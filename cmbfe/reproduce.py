@@ -9,9 +9,11 @@ Executed copies go to ``results/notebooks/`` (``results/<profile>/notebooks/`` f
 config and package code are unchanged since its last successful run on this machine (its data folder
 exists) is skipped unless ``--force``; a fresh clone therefore regenerates everything.
 A failure names the notebook and the cell and leaves earlier results in place.
-``study.jobs`` > 1 runs the executions of a multi-configuration notebook (03_train) side by side, each
-kernel with ``CMBFE_THREADS = cores / jobs`` (tiny CPU convolutions scale poorly with threads, so two
-one-thread trainings finish sooner than two two-thread ones in a row).
+``study.jobs`` > 1 runs executions side by side, each kernel with ``CMBFE_THREADS = cores / jobs``
+(tiny CPU convolutions scale poorly with threads, so two one-thread trainings finish sooner than two
+two-thread ones in a row): the configurations of a multi-configuration notebook (03_train), and the
+notebooks of one stage of :data:`STAGES` (06-08 need only the data, not each other). Runs they share
+are trained once (:func:`cmbfe.study.ensure_run` locks).
 """
 
 from __future__ import annotations
@@ -37,6 +39,9 @@ from cmbfe.config import REPO_ROOT, Config, ConfigError
 from cmbfe.utils import atomic_write_json
 
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
+STAGES: dict[str, str] = {"06_cross_validation": "secondary", "07_backbone_timing": "secondary",
+                          "08_ablations": "secondary"}
+"""Notebook -> stage, for notebooks that may run side by side (others are their own stage)."""
 PACKAGES = ("cmbfe", "torch", "torchvision", "numpy", "scipy", "pydicom", "antspyx", "nilearn",
             "pandas", "matplotlib", "scikit-learn", "papermill", "pycocotools")
 
@@ -179,6 +184,22 @@ def _execute(run: tuple[str, str, dict[str, Any], int]) -> dict[str, Any]:
     return {"seconds": time.perf_counter() - t0, "error": None}
 
 
+def stage_groups(jobs: list[tuple]) -> list[list[tuple]]:
+    """Split ``jobs`` (tuples whose first item is the notebook path, in run order) into consecutive
+    groups that may run side by side: executions of one notebook, or notebooks of one :data:`STAGES`
+    stage. Order is kept; a group runs only after the previous one finished."""
+    groups: list[list[tuple]] = []
+    stage = None
+    for job in jobs:
+        s = STAGES.get(Path(job[0]).stem, Path(job[0]).stem)
+        if groups and s == stage:
+            groups[-1].append(job)
+        else:
+            groups.append([job])
+        stage = s
+    return groups
+
+
 def reproduce(profile: str, *, only: list[str] | None = None, force: bool = False,
               overrides: tuple[str, ...] = ()) -> int:
     """Run the study notebooks for ``profile``; return 0 on success, 1 on a notebook failure."""
@@ -216,13 +237,7 @@ def reproduce(profile: str, *, only: list[str] | None = None, force: bool = Fals
             print(f"[cmbfe reproduce] {name}: unchanged, skipped (use --force to rerun)", flush=True)
             continue
         pending.append((nb, name, params, stamp))
-    # consecutive executions of one notebook (03_train's configurations) may run side by side
-    groups: list[list[tuple[Path, str, dict[str, Any], str]]] = []
-    for job in pending:
-        if groups and groups[-1][0][0] == job[0]:
-            groups[-1].append(job)
-        else:
-            groups.append([job])
+    groups = stage_groups(pending)
     n_jobs = max(1, int(cfg.study.jobs))
     for group in groups:
         width = min(n_jobs, len(group))
@@ -230,7 +245,8 @@ def reproduce(profile: str, *, only: list[str] | None = None, force: bool = Fals
         for nb, name, params, _ in group:
             print(f"[cmbfe reproduce] {name}: {'queued' if width > 1 else 'running'} with {params}", flush=True)
         if width > 1:
-            print(f"[cmbfe reproduce] {len(group)} executions of {group[0][0].stem}, {width} at a time, "
+            what = ", ".join(dict.fromkeys(nb.stem for nb, *_ in group))
+            print(f"[cmbfe reproduce] {len(group)} executions of {what}, {width} at a time, "
                   f"{threads} thread(s) each", flush=True)
         runs = [(str(nb), str(out_dir / f".{name}.running.ipynb"), params, threads) for nb, name, params, _ in group]
         if width > 1:

@@ -13,9 +13,11 @@ Where things go (paths from the repository root, whatever the working directory)
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -102,9 +104,29 @@ def run_tag(cfg: Config) -> str:
     return f"{m.backbone}-{m.size}-{m.priors}-{m.input.replace('.', '')}-{fe_tag}-s{cfg.train.seed}"
 
 
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` (created if missing; POSIX ``flock``, no-op elsewhere), so
+    that notebooks run side by side by ``cmbfe reproduce`` never train or predict the same run twice
+    at once: the second waits and then finds the first one's result."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - non-POSIX
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def ensure_run(cfg: Config, *, data: str | Path | None = None, progress: bool = True) -> Path:
     """Train ``cfg`` (on PRE ``data``, default the profile's) unless a finished run with the same key
-    exists; resume a killed one. Returns RUN."""
+    exists; resume a killed one. Returns RUN. Safe to call from concurrent processes (a lock file
+    ``runs/<profile>/.<run>.lock`` serialises the check and the training)."""
     from cmbfe.train import fit
 
     key = run_key(cfg)
@@ -115,25 +137,28 @@ def ensure_run(cfg: Config, *, data: str | Path | None = None, progress: bool = 
     run_dir = REPO_ROOT / "runs" / cfg.profile / f"{run_tag(cfg)}-{key}"
     if (run_dir / "model.pt").exists():
         return run_dir
-    fit(cfg, run_dir, resume=(run_dir / "checkpoint.pt").exists(), progress=progress,
-        data=Path(data) if data else None)
+    with _locked(run_dir.parent / f".{run_dir.name}.lock"):
+        if not (run_dir / "model.pt").exists():
+            fit(cfg, run_dir, resume=(run_dir / "checkpoint.pt").exists(), progress=progress,
+                data=Path(data) if data else None)
     return run_dir
 
 
 def ensure_predictions(run_dir: Path, pre: Path, split: str = "test") -> list[dict]:
     """COCO-results detections of ``run_dir``'s model on ``PRE/annotations/<split>.json`` (cached in the run
-    folder as ``dets_<split>.json``)."""
+    folder as ``dets_<split>.json``; concurrent callers wait for one another)."""
     from cmbfe.config import load
     from cmbfe.predict import load_model, predict
 
     path = Path(run_dir) / f"dets_{split}.json"
-    if path.exists():
-        return json.loads(path.read_text())
-    model = load_model(run_dir)
-    cfg = load(Path(run_dir) / "config.yaml")
-    dets = predict(model, pre, split, input=cfg.model.input, batch_size=8)
-    atomic_write_json(path, dets, indent=None)
-    return dets
+    if not path.exists():
+        with _locked(Path(run_dir) / f".dets_{split}.lock"):
+            if not path.exists():
+                model = load_model(run_dir)
+                cfg = load(Path(run_dir) / "config.yaml")
+                dets = predict(model, pre, split, input=cfg.model.input, batch_size=8)
+                atomic_write_json(path, dets, indent=None)
+    return json.loads(path.read_text())
 
 
 def load_gt(pre: Path, split: str = "test") -> dict:

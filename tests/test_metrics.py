@@ -137,6 +137,25 @@ def test_centre_rule_uses_spacing():
     assert M.match(g, d, rule="centre", radius_mm=2.0).gt_of_det.tolist() == [1, 0]
 
 
+def test_recall_by_size():
+    # GT longer sides 2, 5 and 8 mm (spacing 1 mm): bins [0,2) [2,3) [3,4) [4,6) [6,inf)
+    g, d = make({1: [[10, 10, 2, 2], [41, 41, 5, 5], [70, 70, 8, 8]]},
+                [(1, [10, 10, 2, 2], 0.9), (1, [42, 42, 6, 6], 0.8)])
+    r = M.recall_by_size(g, M.match(g, d, rule="iou"))
+    assert r["n"].tolist() == [0, 1, 0, 1, 1]
+    assert np.isnan(r["recall"][0]) and np.isnan(r["recall"][2])
+    assert r["recall"][[1, 3, 4]].tolist() == [1.0, 0.0, 0.0]  # the 5 mm box: IoU 16/45 < 0.5
+    m = M.match(g, d, rule="centre", radius_mm=2.5)
+    assert M.recall_by_size(g, m)["recall"][[1, 3, 4]].tolist() == [1.0, 1.0, 0.0]
+    keep = d.scores >= 0.85  # only the 0.9 detection
+    assert M.recall_by_size(g, m, keep=keep)["recall"][[1, 3]].tolist() == [1.0, 0.0]
+    # spacing scales the size: at 0.5 mm pixels the 5 px box is 2.5 mm
+    g2, d2 = make({1: [[41, 41, 5, 5]]}, [], spacing=(0.5, 0.5))
+    assert M.recall_by_size(g2, M.match(g2, d2))["n"].tolist() == [0, 1, 0, 0, 0]
+    with pytest.raises(ValueError, match="increasing"):
+        M.recall_by_size(g, m, bins_mm=(2.0, 1.0))
+
+
 def test_froc_hand_computed():
     tp = np.array([1, 0, 1, 0, 0, 1], bool)
     c = M.curve(np.linspace(1, 0.1, 6), tp, n_gt=4, n_scans=2, n_slices=10)

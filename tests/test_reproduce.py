@@ -1,6 +1,8 @@
 """The study runner: its checks without executing the study, and side-by-side execution of two tiny notebooks."""
 
 import json
+import time
+from pathlib import Path
 
 import pytest
 
@@ -97,3 +99,41 @@ def test_side_by_side_executions_get_their_threads_and_report_the_failing_cell(t
     assert r_ok["error"] is None and r_ok["seconds"] > 0
     assert r_bad["error"] is not None and "cell 2" in r_bad["error"] and "boom at 5" in r_bad["error"]
     assert (tmp_path / "bad.out.ipynb").exists()  # the executed copy with the traceback is kept
+
+
+def test_stage_groups_keep_order_and_join_only_independent_notebooks():
+    from cmbfe.reproduce import stage_groups
+
+    nb = {n: Path(f"notebooks/{n}.ipynb") for n in
+          ("01_data", "03_train", "05_evaluate", "06_cross_validation", "07_backbone_timing", "08_ablations")}
+    jobs = [(nb["01_data"], "a"), (nb["03_train"], "t1"), (nb["03_train"], "t2"), (nb["05_evaluate"], "e"),
+            (nb["06_cross_validation"], "cv"), (nb["07_backbone_timing"], "t3"), (nb["08_ablations"], "ab")]
+    assert [[j[1] for j in g] for g in stage_groups(jobs)] == [["a"], ["t1", "t2"], ["e"], ["cv", "t3", "ab"]]
+    # 05 between two stage members splits them: order is never changed
+    jobs = [(nb["06_cross_validation"], "cv"), (nb["05_evaluate"], "e"), (nb["08_ablations"], "ab")]
+    assert [[j[1] for j in g] for g in stage_groups(jobs)] == [["cv"], ["e"], ["ab"]]
+    assert stage_groups([]) == []
+
+
+def _hold(lock: str, log: str, tag: str) -> None:
+    with study._locked(Path(lock)):
+        with open(log, "a") as fh:
+            fh.write(f"{tag}+")
+            fh.flush()
+            time.sleep(0.3)
+            fh.write(f"{tag}-")
+
+
+def test_run_lock_serialises_processes(tmp_path):
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    lock, log = str(tmp_path / "sub" / ".run.lock"), str(tmp_path / "log")
+    ps = [ctx.Process(target=_hold, args=(lock, log, t)) for t in "ab"]
+    for p in ps:
+        p.start()
+    for p in ps:
+        p.join(10)
+    assert all(p.exitcode == 0 for p in ps)
+    text = Path(log).read_text()
+    assert text in ("a+a-b+b-", "b+b-a+a-"), text  # never interleaved

@@ -1,0 +1,40 @@
+"""cmbfe.report pieces that need no trained model (the notebooks' smoke runs cover the rest)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from cmbfe import config, report, study
+from cmbfe import metrics as M
+from cmbfe.evaluate import dets_from_coco, gt_from_coco
+
+
+def _evaluated(dets: list[tuple]) -> dict:
+    images = [{"id": 1, "patient_id": "P1", "slice_index": 0, "pixel_spacing_mm": [1.0, 1.0]}]
+    anns = [{"id": k + 1, "image_id": 1, "category_id": 1, "bbox": b}
+            for k, b in enumerate([[10, 10, 2, 2], [41, 41, 5, 5], [70, 70, 8, 8]])]
+    gt = gt_from_coco({"images": images, "annotations": anns})
+    d = dets_from_coco([{"image_id": 1, "bbox": b, "score": s} for b, s in dets], gt)
+    return {"gt": gt, "dets": d, "matching": M.match(gt, d, rule="iou")}
+
+
+def test_size_table_iou_vs_centre_mean_over_seeds():
+    cfg = study.with_overrides(config.load("smoke"), study__sizes=[300], study__seeds=[0, 1])
+    hit_small = [([10, 10, 2, 2], 0.9), ([42, 42, 6, 6], 0.8)]  # 2 mm found; 5 mm: IoU 0.36, centre 2.1 mm
+    nothing: list[tuple] = []
+    ev = {(300, False, 0): _evaluated(hit_small), (300, False, 1): _evaluated(nothing),
+          (300, True, 0): _evaluated(hit_small), (300, True, 1): _evaluated(hit_small)}
+    t = report.size_table(cfg, ev)
+    assert t["model"].tolist() == ["SSD-300"] * 2 + ["SSD-300-FE"] * 2
+    assert t["match"].tolist()[:2] == ["IoU >= 0.5", "centre <= 2.5 mm"]
+    cols = [c for c in t.columns if c.startswith("sens.")]
+    assert [c.split(" (")[0] for c in cols] == ["sens. [0, 2) mm", "sens. [2, 3) mm", "sens. [3, 4) mm",
+                                                "sens. [4, 6) mm", "sens. [6, inf) mm"]
+    assert "(n=1)" in cols[1] and "(n=0)" in cols[0]
+    fe_iou, fe_centre = t.iloc[2], t.iloc[3]
+    assert fe_iou[cols[1]] == 1.0 and fe_iou[cols[3]] == 0.0 and fe_centre[cols[3]] == 1.0
+    assert np.isnan(fe_iou[cols[0]])
+    ssd_centre = t.iloc[1]  # seed 0 finds the 2 and 5 mm boxes, seed 1 nothing: mean 0.5
+    assert ssd_centre[cols[1]] == 0.5 and ssd_centre[cols[3]] == 0.5 and ssd_centre[cols[4]] == 0.0
+    ap = [c for c in t.columns if c.startswith("AP")][0]
+    assert fe_centre[ap] > fe_iou[ap] > 0
