@@ -139,7 +139,7 @@ def test_flip_keeps_one_pixel_edge_box():
     boxes = torch.tensor([[0.0, 31.1848 % 16, 1.0, 31.1848 % 16 + 1.0]])
     cfg = dataclasses.replace(OFF, hflip=1.0)
     once, b1 = build_augment(cfg)(image, boxes)
-    twice, b2 = build_augment(cfg)(once, b1)
+    _, b2 = build_augment(cfg)(once, b1)
     assert b1.shape == (1, 4) and b2.shape == (1, 4)
     torch.testing.assert_close(b2, boxes, atol=1e-4, rtol=0)
 
@@ -178,5 +178,5 @@ def test_random_window_clips_boxes_cut_by_the_border():
     image = torch.rand(3, 64, 64)
     boxes = torch.tensor([[10.0, 10.0, 40.0, 40.0]])  # larger than the window: kept (centre inside), clipped
     for s in range(10):
-        win, b, _ = random_window(image, boxes, torch.tensor([1]), 24, torch.Generator().manual_seed(s), 0.0)
+        _, b, _ = random_window(image, boxes, torch.tensor([1]), 24, torch.Generator().manual_seed(s), 0.0)
         assert ((b >= 0) & (b <= 24)).all()

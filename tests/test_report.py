@@ -36,5 +36,5 @@ def test_size_table_iou_vs_centre_mean_over_seeds():
     assert np.isnan(fe_iou[cols[0]])
     ssd_centre = t.iloc[1]  # seed 0 finds the 2 and 5 mm boxes, seed 1 nothing: mean 0.5
     assert ssd_centre[cols[1]] == 0.5 and ssd_centre[cols[3]] == 0.5 and ssd_centre[cols[4]] == 0.0
-    ap = [c for c in t.columns if c.startswith("AP")][0]
+    ap = next(c for c in t.columns if c.startswith("AP"))
     assert fe_centre[ap] > fe_iou[ap] > 0

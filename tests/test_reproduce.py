@@ -116,12 +116,11 @@ def test_stage_groups_keep_order_and_join_only_independent_notebooks():
 
 
 def _hold(lock: str, log: str, tag: str) -> None:
-    with study._locked(Path(lock)):
-        with open(log, "a") as fh:
-            fh.write(f"{tag}+")
-            fh.flush()
-            time.sleep(0.3)
-            fh.write(f"{tag}-")
+    with study._locked(Path(lock)), open(log, "a") as fh:
+        fh.write(f"{tag}+")
+        fh.flush()
+        time.sleep(0.3)
+        fh.write(f"{tag}-")
 
 
 def test_run_lock_serialises_processes(tmp_path):
