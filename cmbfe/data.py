@@ -5,7 +5,7 @@ pixel frame; ``target = {"boxes": [N, 4] float32 xyxy pixels, "labels": [N] int6
 "image_id": int}``. CMB-free slices have ``boxes`` of shape [0, 4].
 
 Inputs (``model.input``): ``gray3`` replicates the slice into 3 channels; ``2.5d`` stacks slices z-1, z, z+1
-of the same patient (``PRE/images/PATIENT/z%04d.png``; the end slices repeat themselves).
+of the same patient (``PRE/images/PATIENT/z%04d.png`` or ``.jpg``; the end slices repeat themselves).
 
 Training pool: every slice with a CMB plus ``negatives_ratio`` x (number of CMB slices) CMB-free slices drawn
 without replacement by a ``numpy`` generator seeded with ``seed`` (all CMB-free slices when
@@ -150,8 +150,8 @@ class SliceDataset(Dataset):
     def _slice_path(self, im: dict[str, Any], z: int) -> Path:
         if z == int(im.get("slice_index", z)):
             return self.pre_dir / "images" / im["file_name"]
-        folder = (self.pre_dir / "images" / im["file_name"]).parent
-        return folder / f"z{z:04d}.png"
+        own = self.pre_dir / "images" / im["file_name"]
+        return own.parent / f"z{z:04d}{own.suffix}"  # neighbours share the slice's format (png or jpg)
 
     def load_image(self, index: int) -> Tensor:
         """Image ``index`` of the pool as float32 [3, H, W] in [0, 1] (no augmentation)."""

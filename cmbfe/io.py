@@ -488,12 +488,13 @@ def find_valdo_pairs(folder: str | Path) -> list[tuple[str, Path, Path | None]]:
 
 
 def read_centroids(csv_path: str | Path, volumes: dict[str, Volume] | None, *, units: str = "vox",
-                   default_diameter_mm: float = 5.0) -> dict[str, list[Lesion]]:
+                   default_diameter_mm: float = 5.0, only: str | None = None) -> dict[str, list[Lesion]]:
     """CMB centroids from a CSV (columns ``patient, x, y, z``, optional ``diameter_mm``) as Lesions.
 
     ``units="vox"``: x, y, z are voxel (col, row, slice) of the Volume; ``"mm"``: LPS mm, converted
     with the patient's affine (needs ``volumes``). With ``volumes``, an unknown patient or a centre
-    outside the volume is an InputError naming the row. Lesion ids count from 1 per patient.
+    outside the volume is an InputError naming the row. ``only``: read just that patient's rows (the
+    others are still parsed and checked for numbers). Lesion ids count from 1 per patient.
     """
     if units not in ("vox", "mm"):
         raise ValueError(f"units must be 'vox' or 'mm', got {units!r}")
@@ -515,6 +516,8 @@ def read_centroids(csv_path: str | Path, volumes: dict[str, Volume] | None, *, u
         if not np.isfinite(xyz).all() or not diam > 0:
             raise InputError(f"{where}: NaN/inf coordinates or a non-positive diameter")
         ijk = xyz
+        if only is not None and pid != only:
+            continue
         if volumes is not None:
             if pid not in volumes:
                 known = ", ".join(sorted(volumes)[:5]) + (" ..." if len(volumes) > 5 else "")

@@ -4,7 +4,10 @@
 - the synthetic layout (``RAW/<patient>/dicom/*.dcm`` + ``lesions.csv`` [+ ``mimics.csv``]);
 - any folder of DICOM series, one sub-folder per patient (``<patient>/*.dcm`` or ``<patient>/dicom/``),
   without labels: images only, plus ``annotations/all.json`` listing every slice (no boxes);
-- VALDO pairs (``sub-XXX_space-T2S_desc-masked_T2S.nii.gz`` + ``sub-XXX_space-T2S_CMB.nii.gz``).
+- VALDO pairs (``sub-XXX_space-T2S_desc-masked_T2S.nii.gz`` + ``sub-XXX_space-T2S_CMB.nii.gz``);
+- a folder of DICOM series as above plus a centroid list (``--centroids CSV``: ``patient, x, y, z``
+  [, ``diameter_mm``], patient = folder name, voxel or mm coordinates): labelled, each CMB a sphere
+  of its diameter (default 5 mm) around its centroid; patients absent from the list have no CMBs.
 Output patient ids are the folder (or VALDO subject) names, never DICOM tags (PHI).
 """
 
@@ -153,12 +156,27 @@ def split_patients(patients: list[str], has_cmb: dict[str, bool], ratios: dict[s
     return out
 
 
-def _discover(raw: Path) -> tuple[str, list[dict[str, Any]]]:
-    """(mode, jobs): mode ``synthetic`` (labelled DICOM), ``dicom`` (images only), ``valdo`` or
+def _discover(raw: Path, centroids: dict[str, Any] | None = None) -> tuple[str, list[dict[str, Any]]]:
+    """(mode, jobs): mode ``synthetic`` (labelled DICOM), ``dicom`` (images only), ``centroids``
+    (DICOM labelled by a centroid list, ``centroids`` = {csv, units, diameter_mm}), ``valdo`` or
     ``valdo-images``; one job per patient with its output id and input paths."""
     if not raw.is_dir():
         raise InputError(f"{raw}: input folder not found")
     pairs = find_valdo_pairs(raw)
+    if centroids is not None:
+        if pairs:
+            raise InputError(f"{raw}: --centroids labels DICOM folders; VALDO data brings its own masks")
+        mode, jobs = _discover(raw)
+        if mode != "dicom":
+            raise InputError(f"{raw}: --centroids needs DICOM folders without lesions.csv (found {mode} data)")
+        from cmbfe.io import _read_csv
+
+        listed = {str(p) for p in _read_csv(Path(centroids["csv"]), ("patient", "x", "y", "z"))["patient"]}
+        unknown = sorted(listed - {j["patient_id"] for j in jobs})
+        if unknown:
+            raise InputError(f"{centroids['csv']}: patients {unknown[:5]} have no folder in {raw} "
+                             "(the patient column names the patient folders)")
+        return "centroids", [{**j, "kind": "centroids", "centroids": centroids} for j in jobs]
     if pairs:
         unmasked = [sub for sub, _, m in pairs if m is None]
         if unmasked and len(unmasked) != len(pairs):
@@ -209,6 +227,12 @@ def _process_patient(job: dict[str, Any], pcfg: PreprocessConfig, images_dir: st
             vol = read_valdo(job["image"], job["mask"], patient_id=pid, allow_empty=True)
         else:
             vol = read_dicom_series(job["dicom"], on_bad_file=on_bad_file)
+            if job["kind"] == "centroids":
+                from cmbfe.io import read_centroids
+
+                c = job["centroids"]
+                vol.lesions = read_centroids(c["csv"], {pid: vol}, units=c["units"],
+                                             default_diameter_mm=c["diameter_mm"], only=pid).get(pid, [])
         t1 = time.perf_counter()
         mask = head_mask(vol.data)
         u8 = normalise(n4(vol.data, vol.spacing_mm, pcfg.n4_iterations, pcfg.n4_shrink, mask=mask), mask,
@@ -366,13 +390,16 @@ def _versions() -> dict[str, str]:
 
 def preprocess_cohort(raw_dir: str | Path, out_dir: str | Path, cfg: Config, *, overwrite: bool = False,
                       on_bad_file: str = "fail", results: str | Path | None = None,
-                      progress: bool = True) -> dict:
+                      progress: bool = True, centroids: str | Path | None = None,
+                      centroid_units: str = "vox", centroid_diameter_mm: float = 5.0) -> dict:
     """Preprocess every patient of ``raw_dir`` into the PRE layout of docs/design.md at ``out_dir``.
 
     Patients run in parallel (``cfg.preprocess.workers`` processes). ``out_dir`` is built in a temp
     sibling and renamed at the end, so an error leaves nothing behind; an existing non-empty
     ``out_dir`` is refused unless ``overwrite``. With ``results`` (a folder) and labels, Table 1 is
-    written there as ``table1_split.csv/.md``. Returns a summary (mode, patients, per-split counts).
+    written there as ``table1_split.csv/.md``. ``centroids``: a CSV labelling DICOM folders (see the
+    module docstring; ``centroid_units`` ``vox`` or ``mm``, ``centroid_diameter_mm`` where the CSV has
+    no ``diameter_mm``). Returns a summary (mode, patients, per-split counts).
     """
     raw, out = Path(raw_dir).resolve(), Path(out_dir).resolve()
     pcfg = _checked(cfg.preprocess)
@@ -381,12 +408,19 @@ def preprocess_cohort(raw_dir: str | Path, out_dir: str | Path, cfg: Config, *, 
     if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
         raise InputError(f"{out}: exists and is not empty (use --overwrite to replace it)")
     t0 = time.perf_counter()
-    mode, jobs = _discover(raw)
+    cent = None
+    if centroids is not None:
+        if centroid_units not in ("vox", "mm"):
+            raise ValueError(f"centroid_units must be 'vox' or 'mm', not {centroid_units!r}")
+        if not centroid_diameter_mm > 0:
+            raise ValueError(f"centroid_diameter_mm must be > 0, not {centroid_diameter_mm!r}")
+        cent = {"csv": str(Path(centroids).resolve()), "units": centroid_units, "diameter_mm": centroid_diameter_mm}
+    mode, jobs = _discover(raw, cent)
     with atomic_path(out) as tmp:
         (tmp / "images").mkdir(parents=True)
         res = _run_jobs(jobs, pcfg, tmp / "images", on_bad_file, progress)
         split_of: dict[str, str] = {}
-        if mode in ("synthetic", "valdo"):
+        if mode in ("synthetic", "valdo", "centroids"):
             has_cmb = {r["patient_id"]: bool(r["cmb_boxes"]) for r in res}
             split_of = split_patients(list(has_cmb), has_cmb, pcfg.split_ratios, pcfg.split_seed)
             _write_tables(tmp, res, split_of)
@@ -450,7 +484,7 @@ def table1(pre_dir: str | Path) -> pd.DataFrame:
 
 def main(argv: list[str] | None = None) -> int:
     """``cmbfe preprocess --input DIR --out DIR [--params FILE] [--set k=v] [--overwrite]
-    [--on-bad-file skip|fail] [--results DIR]``."""
+    [--on-bad-file skip|fail] [--results DIR] [--centroids CSV [--centroid-units vox|mm]]``."""
     from cmbfe import config
 
     ap = argparse.ArgumentParser(prog="cmbfe preprocess", description=__doc__.splitlines()[0])
@@ -465,11 +499,18 @@ def main(argv: list[str] | None = None) -> int:
                     help="non-DICOM/truncated files: fail (default) or skip with a warning")
     ap.add_argument("--results", type=Path, default=None,
                     help="where table1_split.csv/.md go (default: results/, or results/<profile>/)")
+    ap.add_argument("--centroids", type=Path, default=None,
+                    help="CSV of CMB centroids (patient, x, y, z[, diameter_mm]) labelling DICOM folders")
+    ap.add_argument("--centroid-units", choices=("vox", "mm"), default="vox",
+                    help="x, y, z as voxel (col, row, slice) or LPS mm")
+    ap.add_argument("--centroid-diameter-mm", type=float, default=5.0,
+                    help="diameter of CMBs whose row has no diameter_mm")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
     cfg = config.load(args.params, args.set)
     s = preprocess_cohort(args.input, args.out, cfg, overwrite=args.overwrite, on_bad_file=args.on_bad_file,
-                          progress=not args.no_progress)
+                          progress=not args.no_progress, centroids=args.centroids,
+                          centroid_units=args.centroid_units, centroid_diameter_mm=args.centroid_diameter_mm)
     if s["splits"]:  # labelled: Table 1 into --results (default: the profile's results folder)
         from cmbfe.study import results_dir
         from cmbfe.tables import write_table

@@ -126,6 +126,26 @@ def test_25d_stacks_neighbours_and_clamps(pre):
             assert torch.equal(img[c], g[by_z[k]][0][0])
 
 
+def test_25d_neighbours_of_jpg_slices(pre, tmp_path):
+    jpg = tmp_path / "pre"
+    for png in (pre / "images").rglob("*.png"):
+        out = jpg / "images" / png.relative_to(pre / "images")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        Image.open(png).save(out.with_suffix(".jpg"), quality=95)
+    (jpg / "annotations").mkdir()
+    for f in (pre / "annotations").glob("*.json"):
+        coco = json.loads(f.read_text())
+        for im in coco["images"]:
+            im["file_name"] = im["file_name"].replace(".png", ".jpg")
+        (jpg / "annotations" / f.name).write_text(json.dumps(coco))
+    g = SliceDataset(jpg, "val")
+    d = SliceDataset(jpg, "val", input="2.5d")
+    by_z = {im["slice_index"]: i for i, im in enumerate(d.images)}
+    for z, i in by_z.items():
+        k = min(z + 1, len(by_z) - 1)
+        assert torch.equal(d[i][0][2], g[by_z[k]][0][0])  # the next slice, read from its .jpg
+
+
 def test_negatives_sampled_deterministically(pre):
     a = SliceDataset(pre, "train", negatives_ratio=0.5, seed=3)
     b = SliceDataset(pre, "train", negatives_ratio=0.5, seed=3)

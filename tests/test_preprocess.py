@@ -235,6 +235,49 @@ def test_unlabelled_dicom_and_jpg(raw, tmp_path):
         table1(out)
 
 
+def _boxes_by_patient(pre: Path) -> dict[tuple[str, int], list]:
+    out: dict[tuple[str, int], list] = {}
+    for split in SPLITS:
+        coco = json.loads((pre / "annotations" / f"{split}.json").read_text())
+        im = {i["id"]: (i["patient_id"], i["slice_index"]) for i in coco["images"]}
+        for a in coco["annotations"]:
+            out.setdefault(im[a["image_id"]], []).append([round(v, 4) for v in a["bbox"]])
+    return {k: sorted(v) for k, v in out.items()}
+
+
+def test_centroid_list_labels_dicom_folders(raw, pre, tmp_path):
+    src, rows = tmp_path / "plain", []
+    pids = ("SYN-0001", "SYN-0002", "SYN-0003", "SYN-0006")  # SYN-0006 has no CMB: absent from the list
+    for pid in pids:
+        shutil.copytree(raw / pid / "dicom", src / pid)
+        les = pd.read_csv(raw / pid / "lesions.csv")
+        rows += [{"patient": pid, "x": r.i, "y": r.j, "z": r.k, "x_mm": r.x_mm, "y_mm": r.y_mm, "z_mm": r.z_mm,
+                  "diameter_mm": r.diameter_mm} for r in les.itertuples()]
+    df = pd.DataFrame(rows)
+    df[["patient", "x", "y", "z", "diameter_mm"]].to_csv(tmp_path / "vox.csv", index=False)
+    df[["patient", "x_mm", "y_mm", "z_mm", "diameter_mm"]].rename(
+        columns={"x_mm": "x", "y_mm": "y", "z_mm": "z"}).to_csv(tmp_path / "mm.csv", index=False)
+    want = {k: v for k, v in _boxes_by_patient(pre).items() if k[0] in pids}
+    for name, units in (("vox", "vox"), ("mm", "mm")):
+        out = tmp_path / f"PRE-{name}"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            s = preprocess_cohort(src, out, tiny_cfg(), progress=False, centroids=tmp_path / f"{name}.csv",
+                                  centroid_units=units)
+        assert s["mode"] == "centroids" and sum(s["splits"].values()) == len(pids)
+        assert _boxes_by_patient(out) == want  # the same boxes as from the synthetic lesions.csv
+    # a patient the folder lacks, and a centroid outside the volume: named, nothing written
+    df.loc[[0], ["patient", "x", "y", "z"]].assign(patient="nobody").to_csv(tmp_path / "bad.csv", index=False)
+    with pytest.raises(InputError, match="nobody"):
+        preprocess_cohort(src, tmp_path / "PRE-bad", tiny_cfg(), progress=False, centroids=tmp_path / "bad.csv")
+    pd.DataFrame([{"patient": "SYN-0002", "x": 5, "y": 5, "z": 99}]).to_csv(tmp_path / "out.csv", index=False)
+    with pytest.raises(InputError, match="row 1.*outside"):
+        preprocess_cohort(src, tmp_path / "PRE-bad", tiny_cfg(), progress=False, centroids=tmp_path / "out.csv")
+    assert not (tmp_path / "PRE-bad").exists()
+    with pytest.raises(InputError, match="DICOM folders without lesions.csv"):
+        preprocess_cohort(raw, tmp_path / "PRE-bad", tiny_cfg(), progress=False, centroids=tmp_path / "vox.csv")
+
+
 def test_valdo_cohort(tmp_path):
     aff = np.diag([-0.9, 0.9, 2.0, 1.0])
     for s, sub in enumerate(("sub-101", "sub-102")):
