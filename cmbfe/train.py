@@ -321,7 +321,8 @@ def fit(
         batches = iter(loader)
         if main_proc:
             log = CSVLogger(out / "log.csv", LOG_FIELDS, append=start > 0)
-            val_log = CSVLogger(out / "val.csv", VAL_FIELDS, append=start > 0)
+            if tc.val_every >= 0:  # -1: never validated, so no val.csv
+                val_log = CSVLogger(out / "val.csv", VAL_FIELDS, append=start > 0)
             if tc.tensorboard:
                 try:
                     from torch.utils.tensorboard import SummaryWriter

@@ -174,3 +174,11 @@ def test_window_px_follows_pixel_scale(pre):
     ds.images = ds.images + [{**ds.images[0], "width": 80}]
     with pytest.raises(InputError, match="square slices of one size"):
         window_px(C.ModelConfig(size=256, train_crop=128), ds)
+
+
+def test_never_validating_writes_no_val_csv(pre, tmp_path):
+    cfg = C.load(None, TINY + ["train.iterations=2", "train.batch_size=2", "train.val_every=-1",
+                               "train.checkpoint_every=0", "augment.enabled=false"])
+    fit(cfg, tmp_path / "run", data=pre, progress=False)
+    assert (tmp_path / "run" / "log.csv").is_file() and not (tmp_path / "run" / "val.csv").exists()
+    assert (tmp_path / "run" / "config.yaml").stat().st_mode & 0o044  # readable by others, as open() gives
