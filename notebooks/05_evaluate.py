@@ -80,5 +80,6 @@ sizes
 # %%
 mim = report.mimic_table(cfg, ev)
 study.save_table(mim, cfg, "fp_mimic_attribution",
-                 caption="False positives at the 90 % sensitivity operating point by the mimic they overlap")
+                 caption="False positives by the mimic they overlap, at the 90 % sensitivity operating point "
+                         "(or over all detections where a seed never reaches it: see the column)")
 mim

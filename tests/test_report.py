@@ -38,3 +38,18 @@ def test_size_table_iou_vs_centre_mean_over_seeds():
     assert ssd_centre[cols[1]] == 0.5 and ssd_centre[cols[3]] == 0.5 and ssd_centre[cols[4]] == 0.0
     ap = next(c for c in t.columns if c.startswith("AP"))
     assert fe_centre[ap] > fe_iou[ap] > 0
+
+
+def test_mimic_table_says_when_90_percent_is_not_reached():
+    cfg = study.with_overrides(config.load("smoke"), study__sizes=[300], study__seeds=[0, 1])
+    reached = {"at_sensitivity_0.9": {"vein": 2, "air": 1}, "all": {"vein": 9, "air": 5}}
+    missed = {"at_sensitivity_0.9": None, "all": {"vein": 4}}
+    ev = {(300, False, 0): {"metrics": {"fp_attribution": reached}},
+          (300, False, 1): {"metrics": {"fp_attribution": reached}},
+          (300, True, 0): {"metrics": {"fp_attribution": reached}},
+          (300, True, 1): {"metrics": {"fp_attribution": missed}}}
+    t = report.mimic_table(cfg, ev).set_index("model")
+    assert t.loc["SSD-300", "vein"] == 4 and t.loc["SSD-300", "air"] == 2
+    assert t.loc["SSD-300", "operating point"] == "90 % sensitivity"
+    assert t.loc["SSD-300-FE", "vein"] == 6 and t.loc["SSD-300-FE", "air"] == 1
+    assert t.loc["SSD-300-FE", "operating point"].startswith("all detections (1 of 2 seeds")
