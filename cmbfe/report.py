@@ -133,7 +133,7 @@ def curves_figures(cfg: Config, ev: dict) -> tuple[Any, Any]:
 
 
 def table4(cfg: Config, ev: dict) -> pd.DataFrame:
-    """Table 4: at the lowest threshold reaching 90 % sensitivity, this run (mean over seeds) and the
+    """Table 4: at the highest score threshold that still reaches 90 % sensitivity, this run (mean over seeds) and the
     paper's rows as published (comparators quoted, not rerun)."""
     rows = []
     for size in cfg.study.sizes:

@@ -49,7 +49,7 @@ plt.show()
 # %%
 t4 = report.table4(cfg, ev)
 study.save_table(t4, cfg, "table4_operating_point",
-                 caption=f"Table 4: at the lowest threshold reaching 90 % sensitivity (a seed that never "
+                 caption=f"Table 4: at the highest score threshold reaching 90 % sensitivity (a seed that never "
                          f"reaches it counts precision 0 and has no FP/CMB). {note}")
 t4
 
