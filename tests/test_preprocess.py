@@ -266,6 +266,13 @@ def test_centroid_list_labels_dicom_folders(raw, pre, tmp_path):
                                   centroid_units=units)
         assert s["mode"] == "centroids" and sum(s["splits"].values()) == len(pids)
         assert _boxes_by_patient(out) == want  # the same boxes as from the synthetic lesions.csv
+    args = ["preprocess", "--input", str(src), "--out", str(tmp_path / "PRE-cli"), "--no-progress",
+            "--results", str(tmp_path / "r"), "--centroids", str(tmp_path / "mm.csv"), "--centroid-units", "mm",
+            "--set", "preprocess.n4_iterations=[3]", "--set", "preprocess.workers=1"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert cli_main(args) == 0
+    assert _boxes_by_patient(tmp_path / "PRE-cli") == want and (tmp_path / "r" / "table1_split.md").is_file()
     # a patient the folder lacks, and a centroid outside the volume: named, nothing written
     df.loc[[0], ["patient", "x", "y", "z"]].assign(patient="nobody").to_csv(tmp_path / "bad.csv", index=False)
     with pytest.raises(InputError, match="nobody"):
