@@ -82,6 +82,7 @@ def predict(
     ``dataset`` reuses an already built :class:`SliceDataset` (e.g. with its image cache) instead of reading
     ``split`` again.
     """
+    apply_thread_env()
     device = torch.device(device)
     ds = dataset if dataset is not None else SliceDataset(pre_dir, split, input=input, negatives_ratio=None)
     loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate_fn)

@@ -172,8 +172,9 @@ def _execute(run: tuple[str, str, dict[str, Any], int]) -> dict[str, Any]:
     from papermill.exceptions import PapermillExecutionError
 
     nb, out, params, threads = run
-    if threads:
-        os.environ["CMBFE_THREADS"] = str(threads)  # inherited by the kernel this process starts
+    if threads:  # inherited by the kernel this process starts: torch, OpenMP and BLAS pools all sized
+        for var in ("CMBFE_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+            os.environ[var] = str(threads)
     t0 = time.perf_counter()
     try:
         pm.execute_notebook(nb, out, parameters=params, cwd=str(REPO_ROOT), kernel_name="python3",

@@ -66,6 +66,18 @@ def test_predict_covers_every_image(run):
     assert sorted({d["image_id"] for d in dets}) == sorted(im["id"] for im in coco["images"])
 
 
+def test_predict_takes_its_threads_from_cmbfe_threads(run, monkeypatch):
+    _, pre = run
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        monkeypatch.setenv("CMBFE_THREADS", "1")  # as `cmbfe reproduce` sets it for side-by-side kernels
+        predict(Fixed(), pre, "test", input="gray3", batch_size=4)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_load_model_and_cli_write_valid_coco(run, tmp_path, monkeypatch):
     run_dir, pre = run
     monkeypatch.setenv("CMBFE_THREADS", "1")

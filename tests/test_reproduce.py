@@ -90,10 +90,11 @@ def test_side_by_side_executions_get_their_threads_and_report_the_failing_cell(t
     from cmbfe.reproduce import _execute
 
     ok, bad = tmp_path / "ok.ipynb", tmp_path / "bad.ipynb"
-    _tiny_notebook(ok, "import os\nassert os.environ['CMBFE_THREADS'] == '3', os.environ.get('CMBFE_THREADS')\ny = x")
+    _tiny_notebook(ok, "import os\nimport torch\nassert os.environ['CMBFE_THREADS'] == '1', os.environ.get('CMBFE_THREADS')\n"
+                       "assert torch.get_num_threads() == 1, torch.get_num_threads()  # OMP pool sized too\ny = x")
     _tiny_notebook(bad, "raise ValueError('boom at ' + str(x))")
-    runs = [(str(ok), str(tmp_path / "ok.out.ipynb"), {"x": 2}, 3),
-            (str(bad), str(tmp_path / "bad.out.ipynb"), {"x": 5}, 3)]
+    runs = [(str(ok), str(tmp_path / "ok.out.ipynb"), {"x": 2}, 1),
+            (str(bad), str(tmp_path / "bad.out.ipynb"), {"x": 5}, 1)]
     with ProcessPoolExecutor(max_workers=2, mp_context=mp.get_context("spawn")) as pool:
         r_ok, r_bad = pool.map(_execute, runs)
     assert r_ok["error"] is None and r_ok["seconds"] > 0
