@@ -76,6 +76,17 @@ study.save_table(sizes, cfg, "recall_by_box_size",
 sizes
 
 # %% [markdown]
+# Where the centre rule finds a CMB, how large is the predicted box? A median ratio of predicted to
+# ground-truth box side well below 1 means the IoU rule fails on box size, not on finding the lesion.
+
+# %%
+scale = report.box_scale_table(cfg, ev)
+study.save_table(scale, cfg, "box_scale",
+                 caption=f"Predicted vs GT box side for centre-matched detections (<= {cfg.eval.radius_mm:g} mm), "
+                         f"per seed. {note}")
+scale
+
+# %% [markdown]
 # ## Which mimics the false positives fall on (synthetic data knows)
 
 # %%

@@ -53,3 +53,19 @@ def test_mimic_table_says_when_90_percent_is_not_reached():
     assert t.loc["SSD-300", "operating point"] == "90 % sensitivity"
     assert t.loc["SSD-300-FE", "vein"] == 6 and t.loc["SSD-300-FE", "air"] == 1
     assert t.loc["SSD-300-FE", "operating point"].startswith("all detections (1 of 2 seeds")
+
+
+def test_box_scale_table_medians():
+    cfg = study.with_overrides(config.load("smoke"), study__sizes=[300], study__seeds=[0])
+    # GT sides 2, 5, 8 px; detections centred on each, half the side (IoU 0.25) or exact
+    half = [([10.5, 10.5, 1, 1], 0.9), ([42.25, 42.25, 2.5, 2.5], 0.8), ([72, 72, 4, 4], 0.7)]
+    exact = [([10, 10, 2, 2], 0.9), ([41, 41, 5, 5], 0.8), ([70, 70, 8, 8], 0.7)]
+    ev = {(300, False, 0): _evaluated(exact), (300, True, 0): _evaluated(half)}
+    t = report.box_scale_table(cfg, ev).set_index("model")
+    ratio = next(c for c in t.columns if c.startswith("median predicted/GT"))
+    big = next(c for c in t.columns if c.startswith("same, GT side >= 5 px (n=2)"))
+    iou = next(c for c in t.columns if c.startswith("median IoU"))
+    assert t.loc["SSD-300", "matched GT boxes"] == 3 and t.loc["SSD-300", ratio] == 1.0
+    assert t.loc["SSD-300", iou] == 1.0
+    assert t.loc["SSD-300-FE", ratio] == 0.5 and t.loc["SSD-300-FE", big] == 0.5
+    assert abs(t.loc["SSD-300-FE", iou] - 0.25) < 1e-9
