@@ -231,7 +231,8 @@ def box_scale_table(cfg: Config, ev: dict, min_side_px: float = 5.0) -> pd.DataF
                 big = side_g >= min_side_px
                 rows.append({"model": _name(size, fe), "seed": s, "matched GT boxes": int(sel.sum()),
                              f"median predicted/GT side {RUN}": float(np.median(ratio)) if sel.any() else np.nan,
-                             f"same, GT side >= {min_side_px:g} px (n={int(big.sum())}) {RUN}":
+                             f"matched GT boxes, side >= {min_side_px:g} px": int(big.sum()),
+                             f"same ratio, GT side >= {min_side_px:g} px {RUN}":
                                  float(np.median(ratio[big])) if big.any() else np.nan,
                              f"median IoU of the pairs {RUN}": float(np.median(M.iou_pairs(db, gb))) if sel.any()
                              else np.nan})

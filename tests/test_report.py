@@ -63,7 +63,14 @@ def test_box_scale_table_medians():
     ev = {(300, False, 0): _evaluated(exact), (300, True, 0): _evaluated(half)}
     t = report.box_scale_table(cfg, ev).set_index("model")
     ratio = next(c for c in t.columns if c.startswith("median predicted/GT"))
-    big = next(c for c in t.columns if c.startswith("same, GT side >= 5 px (n=2)"))
+    big = next(c for c in t.columns if c.startswith("same ratio, GT side >= 5 px"))
+    assert t["matched GT boxes, side >= 5 px"].tolist() == [2, 2]
+    # one column per quantity, whatever the counts: a second seed with other matches adds rows, not columns
+    ev[(300, False, 1)] = _evaluated(exact[:1])
+    ev[(300, True, 1)] = _evaluated(half)
+    two = report.box_scale_table(study.with_overrides(cfg, study__seeds=[0, 1]), ev)
+    assert list(two.columns) == list(report.box_scale_table(cfg, ev).columns) and len(two) == 4
+    assert two["matched GT boxes, side >= 5 px"].tolist() == [2, 0, 2, 2]
     iou = next(c for c in t.columns if c.startswith("median IoU"))
     assert t.loc["SSD-300", "matched GT boxes"] == 3 and t.loc["SSD-300", ratio] == 1.0
     assert t.loc["SSD-300", iou] == 1.0
