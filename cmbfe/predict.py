@@ -128,7 +128,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
     args = ap.parse_args(argv)
-    apply_thread_env()
     device = resolve_device(args.device)
     model = load_model(args.run, device)
     cfg: C.Config = model.run_config  # type: ignore[attr-defined]

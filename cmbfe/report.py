@@ -178,8 +178,12 @@ def mimic_table(cfg: Config, ev: dict) -> pd.DataFrame:
 
 
 def _centre_matching(cfg: Config, r: dict[str, Any]) -> Any:
-    """The VALDO-style matching of an evaluated run: box centres <= ``eval.radius_mm`` apart."""
-    return M.match(r["gt"], r["dets"], rule="centre", radius_mm=cfg.eval.radius_mm)
+    """The VALDO-style matching of an evaluated run: box centres <= ``eval.radius_mm`` apart (computed
+    once per run and kept in ``r``, as both :func:`size_table` and :func:`box_scale_table` need it)."""
+    key = f"matching_centre_{cfg.eval.radius_mm:g}mm"
+    if key not in r:
+        r[key] = M.match(r["gt"], r["dets"], rule="centre", radius_mm=cfg.eval.radius_mm)
+    return r[key]
 
 
 def size_table(cfg: Config, ev: dict) -> pd.DataFrame:
