@@ -20,13 +20,11 @@ from typing import Any
 
 import yaml
 
+from cmbfe.errors import ConfigError
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PARAMS_DIR = REPO_ROOT / "params"
 PROFILES = ("smoke", "default", "paper")
-
-
-class ConfigError(ValueError):
-    """A profile file or override is malformed; the message names the file and the key."""
 
 
 @dataclass

@@ -16,14 +16,11 @@ from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
+from cmbfe.errors import InputError
 from cmbfe.volume import Lesion, Volume
 
 if TYPE_CHECKING:
     import pandas as pd
-
-
-class InputError(ValueError):
-    """Input data is unusable; the message names the file and what is wrong."""
 
 
 # Tags that could identify a patient; never copied into any output written by cmbfe.
