@@ -25,6 +25,7 @@ from cmbfe.errors import ConfigError
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PARAMS_DIR = REPO_ROOT / "params"
 PROFILES = ("smoke", "default", "paper")
+COMMITTED_PROFILE = "default"  # its tables and figures are committed: results/ and figures/ themselves
 
 
 @dataclass
@@ -128,6 +129,11 @@ class TrainConfig:
     lr: float = 1e-3
     lr_steps: tuple[float, ...] = (2 / 3, 5 / 6)  # paper: 80k and 100k of 120k
     lr_gamma: float = 0.1
+    # step (the paper's: x lr_gamma at each lr_steps fraction) | cosine (to 0 at the last iteration)
+    schedule: str = "step"
+    warmup: int = 0  # iterations of linear LR warm-up from lr/100 (0: none)
+    grad_clip: float = 0.0  # max global gradient norm (0: no clipping)
+    ema: float = 0.0  # decay of an exponential moving average of the weights, validated and saved (0: off)
     weight_decay: float = 0.0
     seed: int = 0
     negatives_ratio: float = 0.25  # CMB-free slices per CMB slice in the training pool
@@ -201,10 +207,31 @@ class Config:
         blob = json.dumps(self.to_dict(), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
 
+    # Where a profile's files live, the one home of these paths (nothing here creates a folder).
     def data_path(self) -> Path:
         """Absolute data directory (``data_dir`` with ``{profile}`` filled, relative to the repo root)."""
         p = Path(self.data_dir.format(profile=self.profile))
         return p if p.is_absolute() else REPO_ROOT / p
+
+    def raw_path(self) -> Path:
+        """The synthetic DICOM cohort: ``data_path()/raw``."""
+        return self.data_path() / "raw"
+
+    def pre_path(self) -> Path:
+        """The preprocessed slices and COCO files: ``data_path()/pre``."""
+        return self.data_path() / "pre"
+
+    def runs_path(self) -> Path:
+        """Trained runs of this profile: ``runs/<profile>/`` under the repo root."""
+        return REPO_ROOT / "runs" / self.profile
+
+    def results_path(self) -> Path:
+        """Tables: ``results/`` for the committed (default) profile, ``results/<profile>/`` otherwise."""
+        return REPO_ROOT / "results" / ("" if self.profile == COMMITTED_PROFILE else self.profile)
+
+    def figures_path(self) -> Path:
+        """Figures: ``figures/`` for the committed (default) profile, ``figures/<profile>/`` otherwise."""
+        return REPO_ROOT / "figures" / ("" if self.profile == COMMITTED_PROFILE else self.profile)
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
@@ -282,6 +309,7 @@ _CHOICES = {
     "eval.match": ("iou", "centre"),
     "preprocess.image_format": ("png", "jpg"),
     "train.device": ("auto", "cpu", "cuda"),
+    "train.schedule": ("step", "cosine"),
 }
 
 
@@ -296,6 +324,8 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("preprocess.split_ratios: needs exactly train, val, test")
     if cfg.train.iterations < 1 or cfg.train.batch_size < 1:
         raise ConfigError("train.iterations and train.batch_size must be >= 1")
+    if cfg.train.warmup < 0 or cfg.train.grad_clip < 0 or not 0 <= cfg.train.ema < 1:
+        raise ConfigError("train.warmup and train.grad_clip must be >= 0 and train.ema in [0, 1)")
     for name, value in cfg.notebooks.items():
         runs = value if isinstance(value, list) else [value]
         if not runs or not all(isinstance(r, dict) for r in runs):

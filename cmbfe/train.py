@@ -43,7 +43,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.optim import Optimizer
-from torch.optim.lr_scheduler import MultiStepLR
+from torch.optim.lr_scheduler import LambdaLR, LRScheduler, MultiStepLR
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader
 
 from cmbfe import config as C
@@ -86,12 +87,16 @@ def _train_step(
     scaler: torch.amp.GradScaler,
     amp: bool,
     device: torch.device,
+    grad_clip: float = 0.0,
 ) -> tuple[Tensor, ...]:
     with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=amp):
         losses = model(images, targets)
         total, bbox, cls = split_losses(losses)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(total).backward()
+    if grad_clip > 0:
+        scaler.unscale_(optimizer)
+        nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     scaler.step(optimizer)
     scaler.update()
     return total.detach(), bbox, cls
@@ -129,11 +134,38 @@ def step_time(
     return {"median_s": med, "times_s": times, "batch": len(images), "images_per_s": len(images) / med}
 
 
-def build_optimizer(model: nn.Module, tc: C.TrainConfig) -> tuple[Optimizer, MultiStepLR]:
-    """Adam + MultiStepLR at ``round(f * iterations)`` for ``f`` in ``lr_steps`` (stepped per iteration)."""
+def lr_factor(it: int, tc: C.TrainConfig) -> float:
+    """LR multiplier at iteration ``it`` (0-based): linear warm-up from 1/100 over ``train.warmup``
+    iterations, then ``step`` (x ``lr_gamma`` at each ``lr_steps`` fraction) or ``cosine`` (1 -> 0 at the
+    last iteration)."""
+    if tc.schedule == "cosine":
+        span = max(1, tc.iterations - 1 - tc.warmup)
+        f = 0.5 * (1 + math.cos(math.pi * min(1.0, max(0, it - tc.warmup) / span)))
+    else:
+        miles = sorted({max(1, round(s * tc.iterations)) for s in tc.lr_steps})
+        f = tc.lr_gamma ** sum(it >= m for m in miles)
+    if tc.warmup and it < tc.warmup:
+        f *= 0.01 + 0.99 * it / tc.warmup
+    return f
+
+
+def build_optimizer(model: nn.Module, tc: C.TrainConfig) -> tuple[Optimizer, LRScheduler]:
+    """Adam + the LR schedule of :func:`lr_factor`, stepped per iteration.
+
+    The paper's plain step schedule (``schedule: step``, ``warmup: 0``) is a ``MultiStepLR`` at
+    ``round(f * iterations)`` for ``f`` in ``lr_steps``; anything else a ``LambdaLR`` over :func:`lr_factor`."""
     opt = torch.optim.Adam(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
-    miles = sorted({max(1, round(f * tc.iterations)) for f in tc.lr_steps})
-    return opt, MultiStepLR(opt, milestones=miles, gamma=tc.lr_gamma)
+    if tc.schedule == "step" and not tc.warmup:
+        miles = sorted({max(1, round(f * tc.iterations)) for f in tc.lr_steps})
+        return opt, MultiStepLR(opt, milestones=miles, gamma=tc.lr_gamma)
+    return opt, LambdaLR(opt, lambda it: lr_factor(it, tc))
+
+
+def build_ema(model: nn.Module, decay: float) -> AveragedModel | None:
+    """An exponential moving average of ``model``'s parameters and buffers (``None`` when ``decay`` is 0)."""
+    if not decay:
+        return None
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
 
 
 def rng_state() -> dict[str, Any]:
@@ -285,6 +317,7 @@ def fit(
         if device.type == "cuda" and tc.channels_last:
             core = core.to(memory_format=torch.channels_last)
         optimizer, scheduler = build_optimizer(core, tc)
+        ema = build_ema(core, tc.ema)
         scaler = torch.amp.GradScaler(device.type, enabled=amp)
         ckpt_path = out / "checkpoint.pt"
         start, elapsed = 0, 0.0
@@ -294,6 +327,8 @@ def fit(
             core.load_state_dict(ck["model"])
             optimizer.load_state_dict(ck["optimizer"])
             scheduler.load_state_dict(ck["scheduler"])
+            if ema is not None:
+                ema.load_state_dict(ck["ema"])
             if ck.get("scaler"):
                 scaler.load_state_dict(ck["scaler"])
             set_rng_state(ck["rng"][min(rank, len(ck["rng"]) - 1)])
@@ -348,6 +383,8 @@ def fit(
             if main_proc:
                 state = {"iteration": it, "model": core.state_dict(), "optimizer": optimizer.state_dict()}
                 state |= {"scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rng}
+                if ema is not None:
+                    state["ema"] = ema.state_dict()
                 state |= {"sampler": {"batch": it, "seed": tc.seed, "world_size": world}}
                 state |= {"elapsed_s": elapsed + time.perf_counter() - t0, "config": cfg.to_dict()}
                 save_torch(state, ckpt_path)
@@ -355,7 +392,7 @@ def fit(
         def run_val(it: int) -> None:
             if val_ds is not None:
                 tv = time.perf_counter()
-                m = validate_split(core, val_ds, cfg, device)
+                m = validate_split(core if ema is None else ema.module, val_ds, cfg, device)
                 row = {k: m.get(k) for k in VAL_FIELDS}
                 row.update(iteration=it, seconds=round(time.perf_counter() - tv, 3), n_dets=m.get("n_dets"))
                 val_log.log({k: _csv_value(v) for k, v in row.items()})
@@ -371,8 +408,10 @@ def fit(
             images, targets = next(batches)
             images = [im.to(device, non_blocking=True) for im in images]
             targets = _to(targets, device)
-            total, bbox, cls = _train_step(model, images, targets, optimizer, scaler, amp, device)
+            total, bbox, cls = _train_step(model, images, targets, optimizer, scaler, amp, device, tc.grad_clip)
             scheduler.step()
+            if ema is not None:
+                ema.update_parameters(core)
             acc += torch.stack([total, bbox, cls]).float()
             n_acc += 1
             step_times.append(time.perf_counter() - ts)
@@ -411,7 +450,7 @@ def fit(
             run_val(tc.iterations)
         train_s = elapsed + time.perf_counter() - t0
         if main_proc:
-            save_torch(core.state_dict(), out / "model.pt")
+            save_torch((core if ema is None else ema.module).state_dict(), out / "model.pt")
             med = statistics.median(step_times) if step_times else None
             timings = {"train_s": round(train_s, 3), "iterations": tc.iterations, "this_call": end - start}
             timings |= {"step_s_median": med, "images_per_s": tc.batch_size / med if med else None}

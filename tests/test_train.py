@@ -182,3 +182,42 @@ def test_never_validating_writes_no_val_csv(pre, tmp_path):
     fit(cfg, tmp_path / "run", data=pre, progress=False)
     assert (tmp_path / "run" / "log.csv").is_file() and not (tmp_path / "run" / "val.csv").exists()
     assert (tmp_path / "run" / "config.yaml").stat().st_mode & 0o044  # readable by others, as open() gives
+
+
+def test_lr_factor_warmup_cosine_and_step():
+    from cmbfe.train import lr_factor
+
+    tc = C.TrainConfig(iterations=101, schedule="cosine", warmup=10)
+    f = [lr_factor(i, tc) for i in range(101)]
+    assert f[0] == pytest.approx(0.01) and f[5] == pytest.approx(0.01 + 0.99 * 0.5)
+    assert f[10] == pytest.approx(1.0) and f[100] == pytest.approx(0.0, abs=1e-12)
+    assert all(a >= b for a, b in zip(f[10:], f[11:]))  # monotone decay after the warm-up
+    step = C.TrainConfig(iterations=12, lr_steps=(2 / 3, 5 / 6), lr_gamma=0.1)
+    assert [lr_factor(i, step) for i in (7, 8, 10)] == pytest.approx([1.0, 0.1, 0.01])
+
+
+def test_resume_bit_identical_with_ema_cosine_warmup_clip(pre, tmp_path):
+    over = TINY + ["train.iterations=6", "train.batch_size=2", "train.checkpoint_every=3", "train.log_every=1",
+                   "train.schedule=cosine", "train.warmup=2", "train.grad_clip=1.0", "train.ema=0.9",
+                   "train.val_every=-1"]
+    cfg = C.load(None, over)
+    straight = fit(cfg, tmp_path / "a", data=pre, progress=False)
+    fit(cfg, tmp_path / "b", data=pre, progress=False, stop_after=3)
+    assert "ema" in torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)
+    resumed = fit(cfg, tmp_path / "b", data=pre, resume=True, progress=False)
+    a, b = torch.load(straight, weights_only=True), torch.load(resumed, weights_only=True)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    # model.pt holds the averaged weights, loadable into the plain model, and they differ from the raw ones
+    raw = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)["model"]
+    build_model(cfg.model, cfg.fe).load_state_dict(a)
+    assert any(not torch.equal(a[k], raw[k]) for k in raw if raw[k].is_floating_point())
+    lrs = [float(r["lr"]) for r in _rows(tmp_path / "a" / "log.csv")]
+    assert lrs[0] < lrs[1] and lrs[-1] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_recipe_values_checked_at_load():
+    for bad in ("train.schedule=linear", "train.warmup=-1", "train.ema=1.0", "train.grad_clip=-2"):
+        with pytest.raises(ConfigError, match="train"):
+            C.load(None, [bad])
