@@ -9,7 +9,7 @@ PROFILE ?= default
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.cmbfe-installed
 
-.PHONY: install reproduce test test-fast lint clean-smoke
+.PHONY: install reproduce test test-fast lint clean-smoke gpu-check
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,11 @@ test-fast: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check cmbfe tests benchmarks
+
+# GPU readiness check (issue #13): one command on a CUDA machine, <= 8 min, writes results/gpu/check.{json,md}.
+# Its CPU dry run (benchmarks/gpu_check.py --dry-run) is part of `make test` (tests/test_gpu_check.py).
+gpu-check: $(STAMP)
+	$(PY) benchmarks/gpu_check.py --out results/gpu
 
 clean-smoke:
 	rm -rf data/smoke runs/smoke results/smoke figures/smoke
