@@ -2,30 +2,50 @@
 
 A profile file is a mapping of sections (``synth``, ``preprocess``, ``model``, ``fe``, ``augment``,
 ``train``, ``eval``, ``study``, ``notebooks``). Every key is checked against the dataclasses below:
-an unknown key is an error that names it (``train.iteratons``), a wrong type likewise. Files are read
-with ``yaml.safe_load``; overrides use dotted keys (``--set train.iterations=200``) whose values are
-parsed as YAML scalars.
+an unknown key is an error that names it (``train.iteratons``), a wrong type likewise; a choice is a
+``Literal`` type (the one list of its allowed values), and every other value check is in :func:`validate`,
+so a bad value fails at load with one :class:`ConfigError` line naming the key. Files are read with
+``yaml.safe_load``. Overrides use one syntax everywhere, dotted keys: ``--set train.iterations=200``
+(values parsed as YAML scalars) and ``with_overrides(cfg, {"train.iterations": 200})`` (Python values),
+as do ``study.secondary`` and the study's grids.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
+import math
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
 from cmbfe.errors import ConfigError
+from cmbfe.utils import atomic_write_text
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PARAMS_DIR = REPO_ROOT / "params"
 PROFILES = ("smoke", "default", "paper")
 COMMITTED_PROFILE = "default"  # its tables and figures are committed: results/ and figures/ themselves
+
+# The allowed values of every choice, in one place (``typing.get_args(Backbone)`` lists them).
+Backbone = Literal["vgg16", "resnet34", "mobilenet_v3"]
+Priors = Literal["paper", "cmb"]
+InputKind = Literal["gray3", "2.5d"]
+ImageFormat = Literal["png", "jpg"]
+FESchedule = Literal["constant", "cosine"]
+FEPlacement = Literal["post_l2norm", "pre_l2norm"]
+FEVariant = Literal["fe", "ae"]
+LRSchedule = Literal["step", "cosine"]
+Device = Literal["auto", "cpu", "cuda"]
+MatchRule = Literal["iou", "centre"]
+Ablation = Literal["placement", "schedule", "variant", "priors", "input"]
 
 
 @dataclass
@@ -63,7 +83,7 @@ class PreprocessConfig:
     n4_iterations: tuple[int, ...] = (20, 20, 10)
     n4_shrink: int = 4  # ANTsPy default; 2 costs ~9x the time (61 s vs 7 s per 256x256x63 volume, 2 cores)
     clip_percentiles: tuple[float, float] = (0.5, 99.5)
-    image_format: str = "png"  # png (lossless) or jpg (as the paper)
+    image_format: ImageFormat = "png"  # png (lossless) or jpg (as the paper)
     split_ratios: dict[str, float] = field(default_factory=lambda: {"train": 33, "val": 8, "test": 17})
     split_seed: int = 0
     test_negatives_ratio: float = 1.0  # mimic-only slices added to test per CMB slice (paper: 1.0)
@@ -76,13 +96,13 @@ class PreprocessConfig:
 class ModelConfig:
     """Detector: SSD at ``size`` px input on a named backbone."""
 
-    backbone: str = "vgg16"  # vgg16 | resnet34 | mobilenet_v3
+    backbone: Backbone = "vgg16"
     size: int = 300  # network input side for a whole slice (px); priors are fractions of it
     # > 0: train on random windows of this many network px (a window of train_crop * W / size slice px,
     # resized like whole slices); the tail is built for the window, inference still runs on whole slices
     train_crop: int = 0
-    priors: str = "paper"  # paper (standard SSD scales) | cmb (sized to 2-10 mm CMBs)
-    input: str = "gray3"  # gray3 (slice replicated) | 2.5d (slices z-1, z, z+1)
+    priors: Priors = "paper"  # paper (standard SSD scales) | cmb (sized to 2-10 mm CMBs)
+    input: InputKind = "gray3"  # gray3 (slice replicated) | 2.5d (slices z-1, z, z+1)
     width: float = 1.0  # channel-width multiplier (<1 for CPU profiles)
     pretrained: bool = False  # ImageNet weights from the local torchvision cache only
     batch_norm: bool = False  # VGG-16 with BatchNorm after each conv (from scratch); ResNet/MobileNet always have BN
@@ -98,9 +118,9 @@ class FEConfig:
     enabled: bool = False
     beta: float = 1.5
     alpha: float = 1.0
-    schedule: str = "constant"  # constant (paper) | cosine (decay 1 -> 0 over training)
-    placement: str = "post_l2norm"  # post_l2norm (head sees FE) | pre_l2norm (inline, paper-literal)
-    variant: str = "fe"  # fe (paper) | ae (assisted excitation)
+    schedule: FESchedule = "constant"  # constant (paper) | cosine (decay 1 -> 0 over training)
+    placement: FEPlacement = "post_l2norm"  # post_l2norm (head sees FE) | pre_l2norm (inline, paper-literal)
+    variant: FEVariant = "fe"  # fe (paper) | ae (assisted excitation)
 
 
 @dataclass
@@ -130,7 +150,7 @@ class TrainConfig:
     lr_steps: tuple[float, ...] = (2 / 3, 5 / 6)  # paper: 80k and 100k of 120k
     lr_gamma: float = 0.1
     # step (the paper's: x lr_gamma at each lr_steps fraction) | cosine (to 0 at the last iteration)
-    schedule: str = "step"
+    schedule: LRSchedule = "step"
     warmup: int = 0  # iterations of linear LR warm-up from lr/100 (0: none)
     grad_clip: float = 0.0  # max global gradient norm (0: no clipping)
     ema: float = 0.0  # decay of an exponential moving average of the weights, validated and saved (0: off)
@@ -144,7 +164,7 @@ class TrainConfig:
     checkpoint_every: int = 1000
     log_every: int = 50
     val_every: int = 0  # 0: only at the end; -1: never
-    device: str = "auto"  # auto | cpu | cuda
+    device: Device = "auto"
     tensorboard: bool = False
 
 
@@ -152,7 +172,7 @@ class TrainConfig:
 class EvalConfig:
     """Matching rule and statistics (see ``cmbfe.metrics``)."""
 
-    match: str = "iou"  # iou | centre
+    match: MatchRule = "iou"
     iou: float = 0.5
     radius_mm: float = 2.5
     bootstrap: int = 1000
@@ -172,11 +192,11 @@ class StudyConfig:
     timing_batch: int = 8
     timing_repeats: int = 5
     timing_iterations: int = 0  # 0: same as train.iterations (Table 3 precision columns)
-    ablations: tuple[str, ...] = ("placement", "schedule", "variant", "priors", "input")
+    ablations: tuple[Ablation, ...] = ("placement", "schedule", "variant", "priors", "input")
     ablation_iterations: int = 0  # 0: same as train.iterations
     ablation_seeds: int = 1  # how many of ``seeds`` each ablation setting is trained with
     reduced: str = ""  # what this profile reduces relative to the paper (printed in captions)
-    # overrides (``section__key: value``) for the cross-validation, Table 3 and ablation runs, e.g. a cheaper
+    # overrides (``section.key: value``) for the cross-validation, Table 3 and ablation runs, e.g. a cheaper
     # resolution on CPU; listed in ``reduced``
     secondary: dict[str, Any] = field(default_factory=dict)
     jobs: int = 1  # concurrent executions in `cmbfe reproduce` (03_train configurations; 06-08)
@@ -252,6 +272,10 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         raise ConfigError(f"{where}: {value!r} matches none of {tp}")
     if tp is Any:
         return value
+    if origin is Literal:
+        if isinstance(value, bool) or value not in args:
+            raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(str, args))}")
+        return value
     if tp is type(None):
         if value is not None:
             raise ConfigError(f"{where}: expected null")
@@ -299,50 +323,111 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
     return cls(**kwargs)
 
 
-_CHOICES = {
-    "model.backbone": ("vgg16", "resnet34", "mobilenet_v3"),
-    "model.priors": ("paper", "cmb"),
-    "model.input": ("gray3", "2.5d"),
-    "fe.schedule": ("constant", "cosine"),
-    "fe.placement": ("post_l2norm", "pre_l2norm"),
-    "fe.variant": ("fe", "ae"),
-    "eval.match": ("iou", "centre"),
-    "preprocess.image_format": ("png", "jpg"),
-    "train.device": ("auto", "cpu", "cuda"),
-    "train.schedule": ("step", "cosine"),
-}
+def _rules(cfg: Config) -> list[tuple[bool, str, str, Any]]:
+    """``(ok, key, expected, value)`` for every value check the types cannot express."""
+    sy, pp, m, fe, au, tr, ev, st = (cfg.synth, cfg.preprocess, cfg.model, cfg.fe, cfg.augment, cfg.train,
+                                      cfg.eval, cfg.study)
+    lo, hi = pp.clip_percentiles
+    ratios = list(pp.split_ratios.values())
+    rules = [
+        (sy.patients >= 1, "synth.patients", ">= 1", sy.patients),
+        (sy.matrix >= 16, "synth.matrix", ">= 16", sy.matrix),
+        (sy.fov_mm > 0 and sy.slice_mm > 0, "synth.fov_mm/slice_mm", "> 0", (sy.fov_mm, sy.slice_mm)),
+        (set(pp.split_ratios) == {"train", "val", "test"}, "preprocess.split_ratios", "exactly train, val, test",
+         pp.split_ratios),
+        (bool(ratios) and min(ratios) >= 0 and sum(ratios) > 0, "preprocess.split_ratios",
+         ">= 0 with a positive sum", pp.split_ratios),
+        (bool(pp.n4_iterations) and min(pp.n4_iterations) >= 0, "preprocess.n4_iterations",
+         ">= 1 level, each >= 0", pp.n4_iterations),
+        (pp.n4_shrink >= 1, "preprocess.n4_shrink", ">= 1", pp.n4_shrink),
+        (0 <= lo < hi <= 100, "preprocess.clip_percentiles", "0 <= low < high <= 100", pp.clip_percentiles),
+        (min(pp.test_negatives_ratio, pp.val_negatives_ratio) >= 0, "preprocess.*_negatives_ratio", ">= 0",
+         (pp.val_negatives_ratio, pp.test_negatives_ratio)),
+        (0 <= pp.brain_min_fraction <= 1, "preprocess.brain_min_fraction", "in [0, 1]", pp.brain_min_fraction),
+        (m.size >= 128, "model.size", ">= 128 (multiples of 32, or 300)", m.size),
+        (m.train_crop == 0 or 128 <= m.train_crop < m.size, "model.train_crop",
+         f"0 or in [128, model.size={m.size})", m.train_crop),
+        (m.width > 0 and math.isfinite(m.width), "model.width", "> 0", m.width),
+        (not m.pretrained or m.width == 1.0, "model.width", "1.0 with model.pretrained=true", m.width),
+        (not (m.pretrained and m.batch_norm and m.backbone == "vgg16"), "model.batch_norm",
+         "false with model.pretrained=true (VGG-16 ImageNet features are plain)", m.batch_norm),
+        (0 <= m.score_thresh <= 1, "model.score_thresh", "in [0, 1]", m.score_thresh),
+        (0 < m.nms_thresh <= 1, "model.nms_thresh", "in (0, 1]", m.nms_thresh),
+        (m.detections_per_img >= 1, "model.detections_per_img", ">= 1", m.detections_per_img),
+        (fe.alpha >= 0, "fe.alpha", ">= 0", fe.alpha),
+        (fe.beta > 0, "fe.beta", "> 0", fe.beta),
+        (all(0 <= p <= 1 for p in (au.hflip, au.vflip, au.p_intensity, au.p_blur, au.p_affine)),
+         "augment.hflip/vflip/p_*", "probabilities in [0, 1]", (au.hflip, au.vflip, au.p_intensity, au.p_blur,
+                                                               au.p_affine)),
+        (0 < au.intensity[0] <= au.intensity[1], "augment.intensity", "0 < low <= high", au.intensity),
+        (0 <= au.blur_sigma[0] <= au.blur_sigma[1], "augment.blur_sigma", "0 <= low <= high", au.blur_sigma),
+        (0 < au.scale[0] <= au.scale[1], "augment.scale", "0 < low <= high", au.scale),
+        (au.translate_px >= 0 and au.rotate_deg >= 0, "augment.translate_px/rotate_deg", ">= 0",
+         (au.translate_px, au.rotate_deg)),
+        (tr.iterations >= 1, "train.iterations", ">= 1", tr.iterations),
+        (tr.batch_size >= 1, "train.batch_size", ">= 1", tr.batch_size),
+        (tr.lr > 0 and math.isfinite(tr.lr), "train.lr", "> 0", tr.lr),
+        (tr.lr_gamma > 0, "train.lr_gamma", "> 0", tr.lr_gamma),
+        (all(0 < f <= 1 for f in tr.lr_steps), "train.lr_steps", "fractions in (0, 1]", tr.lr_steps),
+        (tr.warmup >= 0, "train.warmup", ">= 0", tr.warmup),
+        (tr.grad_clip >= 0, "train.grad_clip", ">= 0", tr.grad_clip),
+        (0 <= tr.ema < 1, "train.ema", "in [0, 1)", tr.ema),
+        (tr.weight_decay >= 0, "train.weight_decay", ">= 0", tr.weight_decay),
+        (tr.negatives_ratio >= 0, "train.negatives_ratio", ">= 0", tr.negatives_ratio),
+        (tr.workers >= 0, "train.workers", ">= 0", tr.workers),
+        (tr.cache >= -1, "train.cache", ">= -1", tr.cache),
+        (tr.checkpoint_every >= 0, "train.checkpoint_every", ">= 0", tr.checkpoint_every),
+        (tr.log_every >= 0, "train.log_every", ">= 0", tr.log_every),
+        (tr.val_every >= -1, "train.val_every", ">= -1", tr.val_every),
+        (0 < ev.iou <= 1, "eval.iou", "in (0, 1]", ev.iou),
+        (ev.radius_mm > 0, "eval.radius_mm", "> 0", ev.radius_mm),
+        (ev.bootstrap >= 0, "eval.bootstrap", ">= 0", ev.bootstrap),
+        (0 < ev.ci < 1, "eval.ci", "in (0, 1)", ev.ci),
+        (len(st.seeds) >= 1, "study.seeds", "at least one seed", st.seeds),
+        (all(s >= 128 for s in st.sizes), "study.sizes", "each >= 128", st.sizes),
+        (st.folds >= 2, "study.folds", ">= 2", st.folds),
+        (st.jobs >= 1, "study.jobs", ">= 1", st.jobs),
+        (st.ablation_seeds >= 1, "study.ablation_seeds", ">= 1", st.ablation_seeds),
+        (min(st.timing_batch, st.timing_repeats) >= 1, "study.timing_batch/timing_repeats", ">= 1",
+         (st.timing_batch, st.timing_repeats)),
+        (min(st.cv_iterations, st.timing_iterations, st.ablation_iterations) >= 0, "study.*_iterations",
+         ">= 0 (0: train.iterations)", (st.cv_iterations, st.timing_iterations, st.ablation_iterations)),
+    ]
+    for spec in st.timing_backbones:
+        name, _, size = spec.partition(":")
+        ok = name in typing.get_args(Backbone) and size.isdigit() and int(size) >= 128
+        want = f"'backbone:size' entries, backbone one of {', '.join(typing.get_args(Backbone))}, size >= 128"
+        rules.append((ok, "study.timing_backbones", want, spec))
+    for name, value in cfg.notebooks.items():
+        runs = value if isinstance(value, list) else [value]
+        rules.append((bool(runs) and all(isinstance(r, dict) for r in runs), f"notebooks.{name}",
+                      "a mapping of parameters or a list of them", value))
+    return rules
 
 
 def validate(cfg: Config) -> Config:
-    """Check value domains that types cannot express; return ``cfg``."""
-    for dotted, allowed in _CHOICES.items():
-        sec, key = dotted.split(".")
-        value = getattr(getattr(cfg, sec), key)
-        if value not in allowed:
-            raise ConfigError(f"{dotted}: {value!r} is not one of {allowed}")
-    if set(cfg.preprocess.split_ratios) != {"train", "val", "test"}:
-        raise ConfigError("preprocess.split_ratios: needs exactly train, val, test")
-    if cfg.train.iterations < 1 or cfg.train.batch_size < 1:
-        raise ConfigError("train.iterations and train.batch_size must be >= 1")
-    if cfg.train.warmup < 0 or cfg.train.grad_clip < 0 or not 0 <= cfg.train.ema < 1:
-        raise ConfigError("train.warmup and train.grad_clip must be >= 0 and train.ema in [0, 1)")
-    for name, value in cfg.notebooks.items():
-        runs = value if isinstance(value, list) else [value]
-        if not runs or not all(isinstance(r, dict) for r in runs):
-            raise ConfigError(f"notebooks.{name}: expected a mapping of parameters or a list of them")
-    if cfg.synth.patients < 1:
-        raise ConfigError("synth.patients must be >= 1")
-    for key in cfg.study.secondary:
-        sec, _, name = key.partition("__")
-        section = getattr(cfg, sec, None) if sec in {f for f in Config.__dataclass_fields__} else None
-        if section is None or not hasattr(section, "__dataclass_fields__") or name not in section.__dataclass_fields__:
-            raise ConfigError(f"study.secondary: unknown key '{key}' (use section__key, e.g. model__size)")
-    if cfg.study.jobs < 1:
-        raise ConfigError(f"study.jobs must be >= 1, got {cfg.study.jobs}")
-    crop = cfg.model.train_crop
-    if crop and not (128 <= crop < cfg.model.size):
-        raise ConfigError(f"model.train_crop must be 0 or in [128, model.size={cfg.model.size}), got {crop}")
+    """Check value domains that types cannot express; return ``cfg``. Raises :class:`ConfigError`
+    naming the first bad key. ``study.secondary`` must itself give a valid configuration."""
+    for ok, key, want, value in _rules(cfg):
+        if not ok:
+            raise ConfigError(f"{key}: expected {want}, got {value!r}")
+    if cfg.study.secondary:
+        data = cfg.to_dict()
+        data["study"]["secondary"] = {}
+        try:
+            for key, value in cfg.study.secondary.items():
+                _set_dotted(data, key, copy.deepcopy(value))
+            validate(_build(Config, data, ""))
+        except ConfigError as e:
+            raise ConfigError(f"study.secondary: {e} (keys are section.key, e.g. model.size)") from None
     return cfg
+
+
+def check(section: Any, name: str) -> Any:
+    """Validate one section built in code (``check(ModelConfig(size=96), "model")``) as :func:`load`
+    validates a file: types, choices and values; returns ``section``; :class:`ConfigError` naming the key."""
+    validate(_build(Config, {name: dataclasses.asdict(section)}, ""))
+    return section
 
 
 def from_dict(data: dict[str, Any], source: str = "<dict>") -> Config:
@@ -355,24 +440,41 @@ def from_dict(data: dict[str, Any], source: str = "<dict>") -> Config:
         raise ConfigError(f"{source}: {e}") from None
 
 
-def set_override(data: dict[str, Any], assignment: str) -> None:
-    """Apply ``a.b.c=value`` (value parsed with yaml.safe_load) to nested dict ``data`` in place."""
-    if "=" not in assignment:
-        raise ConfigError(f"--set {assignment!r}: expected key=value")
-    key, raw = assignment.split("=", 1)
+def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    """Set ``data[a][b][c] = value`` for dotted ``key`` ``a.b.c`` (sections created as needed)."""
     parts = key.strip().split(".")
     node = data
     for p in parts[:-1]:
         node = node.setdefault(p, {})
         if not isinstance(node, dict):
-            raise ConfigError(f"--set {assignment!r}: '{p}' is not a section")
+            raise ConfigError(f"{key}: '{p}' is not a section")
+    node[parts[-1]] = value
+
+
+def set_override(data: dict[str, Any], assignment: str) -> None:
+    """Apply ``a.b.c=value`` (value parsed with yaml.safe_load) to nested dict ``data`` in place."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set {assignment!r}: expected key=value")
+    key, raw = assignment.split("=", 1)
     value = yaml.safe_load(raw)
     if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string; accept it as a number
         try:
             value = float(value) if any(c in value.lower() for c in ".e") else int(value)
         except ValueError:
             pass
-    node[parts[-1]] = value
+    try:
+        _set_dotted(data, key, value)
+    except ConfigError as e:
+        raise ConfigError(f"--set {assignment!r}: {e}") from None
+
+
+def with_overrides(cfg: Config, overrides: Mapping[str, Any]) -> Config:
+    """A validated copy of ``cfg`` with ``{"section.key": value}`` overrides (Python values, the ``--set``
+    keys), e.g. ``with_overrides(cfg, {"fe.enabled": True, "train.seed": 1})``."""
+    data = copy.deepcopy(cfg.to_dict())
+    for key, value in overrides.items():
+        _set_dotted(data, key, copy.deepcopy(value))
+    return from_dict(data, f"{cfg.profile}+overrides")
 
 
 def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -399,6 +501,4 @@ def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] 
 
 def dump(cfg: Config, path: str | Path) -> None:
     """Write ``cfg`` as YAML atomically."""
-    from cmbfe.utils import atomic_write_text
-
     atomic_write_text(Path(path), yaml.safe_dump(cfg.to_dict(), sort_keys=False))

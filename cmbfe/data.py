@@ -23,7 +23,7 @@ import json
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 import torch
@@ -32,9 +32,11 @@ from torch import Tensor
 from torch.utils.data import Dataset, Sampler
 
 from cmbfe.augment import random_window
-from cmbfe.io import InputError
+from cmbfe.boxes import xywh_to_xyxy
+from cmbfe.config import InputKind
+from cmbfe.errors import ConfigError, InputError
 
-INPUTS = ("gray3", "2.5d")
+INPUTS: tuple[str, ...] = get_args(InputKind)
 Target = dict[str, Any]
 
 
@@ -89,9 +91,7 @@ class _LRU:
 
 def coco_boxes_xyxy(anns: list[dict[str, Any]]) -> Tensor:
     """COCO ``bbox [x, y, w, h]`` list -> float32 [N, 4] xyxy pixels (shape [0, 4] when empty)."""
-    b = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)
-    b[:, 2:] += b[:, :2]
-    return b
+    return xywh_to_xyxy(torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4))
 
 
 class SliceDataset(Dataset):
@@ -118,7 +118,7 @@ class SliceDataset(Dataset):
         window_positive: float = 0.75,
     ) -> None:
         if input not in INPUTS:
-            raise ValueError(f"input must be one of {INPUTS}, got {input!r}")
+            raise ConfigError(f"model.input: {input!r} is not one of {', '.join(INPUTS)}")
         self.pre_dir = Path(pre_dir)
         self.split = split
         self.input = input

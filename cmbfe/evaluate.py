@@ -24,12 +24,15 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 
 from cmbfe import metrics as M
-from cmbfe.io import InputError
+from cmbfe import stats
+from cmbfe.boxes import xywh_to_xyxy
+from cmbfe.config import MatchRule, load
+from cmbfe.errors import InputError
 from cmbfe.utils import atomic_write_json, atomic_write_text
 
 
@@ -70,7 +73,7 @@ def _finite_boxes(raw: list, source: str, what: str) -> np.ndarray:
     if neg.any():
         i = int(np.argmax(neg))
         raise InputError(f"{source}: {what}[{i}].bbox has a negative width or height {raw[i]!r}")
-    return M.xywh_to_xyxy(arr)
+    return xywh_to_xyxy(arr)
 
 
 def _field(obj: Any, key: str, i: int, what: str, source: str) -> Any:
@@ -241,8 +244,6 @@ def evaluate(gt: M.GroundTruth, dets: M.Detections, *, match: str = "iou", iou: 
     out["match"] = {"rule": match, "iou": iou if match == "iou" else None,
                     "radius_mm": radius_mm if match == "centre" else None}
     if bootstrap > 0:
-        from cmbfe import stats
-
         out["bootstrap"] = stats.bootstrap_ci(stats.prepare(gt, dets, m), n=bootstrap, seed=seed, ci=ci,
                                               target=target)
     return {"metrics": out, "curve": c, "matching": m}
@@ -289,23 +290,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True, type=Path, help="metrics JSON (pr.csv, froc.csv beside it)")
     ap.add_argument("--params", default=None, help="profile name or params YAML (eval section)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    ap.add_argument("--match", choices=("iou", "centre"), default=None)
+    ap.add_argument("--match", choices=get_args(MatchRule), default=None)
     ap.add_argument("--iou", type=float, default=None)
     ap.add_argument("--radius-mm", type=float, default=None)
     ap.add_argument("--objects", type=Path, default=None, help="slice_objects.csv for FP attribution")
     ap.add_argument("--bootstrap", type=int, default=None, help="bootstrap resamples (0: none)")
     ap.add_argument("--seed", type=int, default=None)
     args = ap.parse_args(argv)
-    from cmbfe.config import ConfigError, load
-
-    cfg = load(args.params, args.overrides).eval
-    match = args.match or cfg.match
-    iou = cfg.iou if args.iou is None else args.iou
-    radius = cfg.radius_mm if args.radius_mm is None else args.radius_mm
-    n_boot = cfg.bootstrap if args.bootstrap is None else args.bootstrap
-    seed = cfg.seed if args.seed is None else args.seed
-    if not 0 < iou <= 1 or radius <= 0 or n_boot < 0:
-        raise ConfigError("need 0 < --iou <= 1, --radius-mm > 0, --bootstrap >= 0")
+    flags = {"match": args.match, "iou": args.iou, "radius_mm": args.radius_mm, "bootstrap": args.bootstrap,
+             "seed": args.seed}  # the flags are eval.* overrides, checked with the profile at load
+    over = [f"eval.{k}={v}" for k, v in flags.items() if v is not None]
+    cfg = load(args.params, [*args.overrides, *over]).eval
+    match, iou, radius, n_boot, seed = cfg.match, cfg.iou, cfg.radius_mm, cfg.bootstrap, cfg.seed
     t0 = time.perf_counter()
     gt_obj = _read_json(args.gt)
     gt = gt_from_coco(gt_obj, str(args.gt))

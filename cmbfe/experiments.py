@@ -13,10 +13,16 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 
 from cmbfe import paper, stats, study
-from cmbfe.config import Config
+from cmbfe.config import Ablation, Config, with_overrides
+from cmbfe.data import SliceDataset
+from cmbfe.models import build_model
+from cmbfe.predict import resolve_device
 from cmbfe.report import PAPER, RUN, evaluate_run
+from cmbfe.runtime import device_description
+from cmbfe.train import build_optimizer, step_time, window_px
 from cmbfe.utils import atomic_write_json
 
 
@@ -74,8 +80,8 @@ def cross_validate(cfg: Config, pre: Path) -> pd.DataFrame:
     for f, d in enumerate(_fold_dirs(cfg, pre)):
         row: dict[str, Any] = {"fold": f}
         for fe in (False, True):
-            c = study.with_overrides(cfg, fe__enabled=fe, train__iterations=its, train__val_every=0,
-                                     **cfg.study.secondary)
+            c = with_overrides(cfg, {"fe.enabled": fe, "train.iterations": its, "train.val_every": 0,
+                                     **cfg.study.secondary})
             run = study.ensure_run(c, data=d)
             r = evaluate_run(c, run, d, bootstrap=0)
             row[f"AP {'SSD-FE' if fe else 'SSD'}"] = r["metrics"]["ap_voc"]
@@ -114,14 +120,6 @@ def table3(cfg: Config, pre: Path) -> pd.DataFrame:
     """Table 3: per ``study.timing_backbones`` entry (``backbone:size``), precision at 90 % recall
     without/with FE (trained ``study.timing_iterations``) and training seconds per batch of
     ``study.timing_batch`` (median over ``study.timing_repeats`` interleaved steps, same weights)."""
-    import torch
-
-    from cmbfe.data import SliceDataset
-    from cmbfe.models import build_model
-    from cmbfe.predict import resolve_device
-    from cmbfe.reproduce import device_description
-    from cmbfe.train import build_optimizer, step_time, window_px
-
     its = cfg.study.timing_iterations or cfg.train.iterations
     device = resolve_device(cfg.train.device)
     dev = device_description()
@@ -129,12 +127,11 @@ def table3(cfg: Config, pre: Path) -> pd.DataFrame:
     rows = []
     for spec in cfg.study.timing_backbones:
         backbone, size = spec.split(":")
-        base = study.with_overrides(cfg, **{**cfg.study.secondary, "model__backbone": backbone,
-                                               "model__size": int(size)},
-                                    train__iterations=its, train__val_every=0)
+        base = with_overrides(cfg, {**cfg.study.secondary, "model.backbone": backbone, "model.size": int(size),
+                                    "train.iterations": its, "train.val_every": 0})
         row: dict[str, Any] = {"backbone": backbone, "input": f"{size}x{size}"}
         for fe in (False, True):
-            c = study.with_overrides(base, fe__enabled=fe)
+            c = with_overrides(base, {"fe.enabled": fe})
             r = evaluate_run(c, study.ensure_run(c), pre, bootstrap=0)
             row[f"precision@90% {'SSD-FE' if fe else 'SSD'} {RUN}"] = r["metrics"]["precision_at_sensitivity_0.9"]
             row[f"AP {'SSD-FE' if fe else 'SSD'} {RUN}"] = r["metrics"]["ap_voc"]
@@ -146,7 +143,7 @@ def table3(cfg: Config, pre: Path) -> pd.DataFrame:
         torch.manual_seed(0)
         models, opts = {}, {}
         for fe in (False, True):
-            c = study.with_overrides(base, fe__enabled=fe)
+            c = with_overrides(base, {"fe.enabled": fe})
             models[fe] = build_model(c.model, c.fe).to(device)
             if fe:
                 models[True].load_state_dict(models[False].state_dict())
@@ -173,18 +170,19 @@ def table3(cfg: Config, pre: Path) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-# name -> (reference label, reference overrides), (alternative label, alternative overrides)
-ABLATIONS: dict[str, list[tuple[str, dict[str, Any]]]] = {
-    "placement": [("FE after conv4_3 L2Norm (default)", {"fe__enabled": True, "fe__placement": "post_l2norm"}),
-                  ("FE before L2Norm (inline, paper-literal)", {"fe__enabled": True, "fe__placement": "pre_l2norm"})],
-    "schedule": [("FE, constant alpha (paper)", {"fe__enabled": True, "fe__schedule": "constant"}),
-                 ("FE, cosine-decayed alpha", {"fe__enabled": True, "fe__schedule": "cosine"})],
-    "variant": [("FE (multiplicative, paper)", {"fe__enabled": True, "fe__variant": "fe"}),
-                ("Assisted Excitation (additive)", {"fe__enabled": True, "fe__variant": "ae"})],
-    "priors": [("CMB-sized priors", {"fe__enabled": False, "model__priors": "cmb"}),
-               ("standard SSD priors", {"fe__enabled": False, "model__priors": "paper"})],
-    "input": [("gray3 (slice replicated, paper)", {"fe__enabled": False, "model__input": "gray3"}),
-              ("2.5D (slices z-1, z, z+1)", {"fe__enabled": False, "model__input": "2.5d"})],
+# name (the values of config.Ablation) -> (reference label, reference overrides), (alternative label, alternative
+# overrides)
+ABLATIONS: dict[Ablation, list[tuple[str, dict[str, Any]]]] = {
+    "placement": [("FE after conv4_3 L2Norm (default)", {"fe.enabled": True, "fe.placement": "post_l2norm"}),
+                  ("FE before L2Norm (inline, paper-literal)", {"fe.enabled": True, "fe.placement": "pre_l2norm"})],
+    "schedule": [("FE, constant alpha (paper)", {"fe.enabled": True, "fe.schedule": "constant"}),
+                 ("FE, cosine-decayed alpha", {"fe.enabled": True, "fe.schedule": "cosine"})],
+    "variant": [("FE (multiplicative, paper)", {"fe.enabled": True, "fe.variant": "fe"}),
+                ("Assisted Excitation (additive)", {"fe.enabled": True, "fe.variant": "ae"})],
+    "priors": [("CMB-sized priors", {"fe.enabled": False, "model.priors": "cmb"}),
+               ("standard SSD priors", {"fe.enabled": False, "model.priors": "paper"})],
+    "input": [("gray3 (slice replicated, paper)", {"fe.enabled": False, "model.input": "gray3"}),
+              ("2.5D (slices z-1, z, z+1)", {"fe.enabled": False, "model.input": "2.5d"})],
 }
 
 
@@ -195,15 +193,13 @@ def ablations(cfg: Config, pre: Path) -> pd.DataFrame:
     its = cfg.study.ablation_iterations or cfg.train.iterations
     seeds = cfg.study.seeds[: max(1, cfg.study.ablation_seeds)]
     rows = []
-    for name in cfg.study.ablations:
-        if name not in ABLATIONS:
-            raise ValueError(f"study.ablations: unknown ablation {name!r} (known: {sorted(ABLATIONS)})")
+    for name in cfg.study.ablations:  # each one of ABLATIONS (config.Ablation, checked at load)
         results = []
         for label, over in ABLATIONS[name]:
             res = []
             for s in seeds:
-                c = study.with_overrides(cfg, **{**cfg.study.secondary, "train__iterations": its,
-                                                 "train__seed": s, "train__val_every": 0, **over})
+                c = with_overrides(cfg, {**cfg.study.secondary, "train.iterations": its, "train.seed": s,
+                                         "train.val_every": 0, **over})
                 res.append(evaluate_run(c, study.ensure_run(c), pre))
             results.append((label, res))
         ref = results[0][1][0]

@@ -20,13 +20,16 @@ Conventions
 from __future__ import annotations
 
 import math
+from typing import get_args
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-SCHEDULES = ("constant", "cosine")
-VARIANTS = ("fe", "ae")
+from cmbfe.config import FESchedule, FEVariant
+
+SCHEDULES: tuple[str, ...] = get_args(FESchedule)
+VARIANTS: tuple[str, ...] = get_args(FEVariant)
 _PATCH_BUDGET = 1 << 22  # elements gathered at once (boxes x padded box area)
 
 

@@ -3,7 +3,7 @@
 Conventions (see also ``docs/design.md``):
 
 - Boxes are ``xyxy`` in continuous pixel coordinates (pixel ``(j, i)`` covers ``[i, i+1) x [j, j+1)``);
-  COCO JSON ``xywh`` is converted with :func:`xywh_to_xyxy`. Areas and IoU use ``x1 - x0`` with **no
+  COCO JSON ``xywh`` is converted with :func:`cmbfe.boxes.xywh_to_xyxy`. Areas and IoU use ``x1 - x0`` with **no
   "+1"** (as pycocotools, unlike the VOC devkit).
 - Matching (:func:`match`) is greedy by score: detections are visited in descending score with a
   *stable* sort (ties keep input order). Each detection takes, among the still unmatched GT boxes of
@@ -28,6 +28,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
+
+from cmbfe.boxes import xywh_to_xyxy  # noqa: F401 - the COCO conversion named in this module's conventions
 
 FROC_FPS: tuple[float, ...] = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 """FP/scan levels of the FROC summary (``froc_mean`` is the mean sensitivity at these)."""
@@ -79,12 +81,6 @@ class Matching:
     tp: np.ndarray  # (D,) bool
     gt_of_det: np.ndarray  # (D,) int64 matched GT row or -1
     order: np.ndarray  # (D,) int64 detection rows by descending score, stable
-
-
-def xywh_to_xyxy(b: np.ndarray) -> np.ndarray:
-    """COCO ``[x, y, w, h]`` -> ``[x0, y0, x1, y1]`` (continuous pixels, no +1)."""
-    b = np.asarray(b, dtype=np.float64).reshape(-1, 4)
-    return np.concatenate([b[:, :2], b[:, :2] + b[:, 2:]], axis=1)
 
 
 def iou_pairs(a: np.ndarray, b: np.ndarray) -> np.ndarray:

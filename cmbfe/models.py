@@ -34,12 +34,11 @@ when ``model.training and fe_cfg.enabled and targets is not None``; in eval the 
 from __future__ import annotations
 
 import copy
-import math
 from collections import OrderedDict
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import torch
 import torch.nn.functional as F
@@ -52,7 +51,7 @@ from torchvision.models.detection.transform import resize_boxes
 from torchvision.models.mobilenetv3 import mobilenet_v3_large
 from torchvision.models.resnet import BasicBlock, conv1x1
 
-from cmbfe.config import FEConfig, ModelConfig
+from cmbfe.config import Backbone, FEConfig, FEPlacement, ModelConfig, Priors, check
 from cmbfe.fe import FEContext, alpha_at, enhancement_mask
 
 FOV_MM = 240.0  # field of view spanned by the network input (paper: 512 px x 0.47 mm)
@@ -103,8 +102,8 @@ class SSDBackbone(nn.Module):
 
     def __init__(self, placement: str):
         super().__init__()
-        if placement not in ("post_l2norm", "pre_l2norm"):
-            raise ValueError(f"unknown FE placement {placement!r}")
+        if placement not in get_args(FEPlacement):
+            raise ValueError(f"unknown FE placement {placement!r} (allowed: {', '.join(get_args(FEPlacement))})")
         self.placement = placement
         self.fe_context: FEContext | None = None
 
@@ -166,8 +165,6 @@ class VGG16Backbone(SSDBackbone):
 
     def __init__(self, size: int, width: float, pretrained: bool, placement: str, batch_norm: bool = False):
         super().__init__(placement)
-        if pretrained and batch_norm:
-            raise ValueError("model.batch_norm=true has no ImageNet weights here (VGG-16 features are plain)")
         cfg = [c if c == "M" else _ch(int(c), width) for c in vgg.cfgs["D"]]  # VGG-16 layout
         # without BN the indices are identical to torchvision's vgg16().features; BN (vgg16_bn layout)
         # is for training from scratch, where it converges several times faster
@@ -302,7 +299,7 @@ class MobileNetV3Backbone(SSDBackbone):
         return OrderedDict((str(i), v) for i, v in enumerate(out))
 
 
-BACKBONES: dict[str, Callable[..., SSDBackbone]] = {
+BACKBONES: dict[Backbone, Callable[..., SSDBackbone]] = {  # keys: the values of config.Backbone
     "vgg16": VGG16Backbone,
     "resnet34": ResNet34Backbone,
     "mobilenet_v3": MobileNetV3Backbone,
@@ -334,7 +331,7 @@ def prior_spec(priors: str, n_maps: int, fmap_sizes: list[int] | None = None) ->
             scales = [max(scales[: k + 1]) for k in range(len(scales))]
         ratios = [[2] if k < CMB_AR_MAPS else [] for k in range(n_maps)]
     else:
-        raise ValueError(f"unknown priors {priors!r} (allowed: paper, cmb)")
+        raise ValueError(f"unknown priors {priors!r} (allowed: {', '.join(get_args(Priors))})")
     return ratios, scales
 
 
@@ -499,17 +496,9 @@ def build_model(model_cfg: ModelConfig, fe_cfg: FEConfig) -> CMBDetector:
     ``pretrained=True`` loads ImageNet weights only from the local torch hub cache (``pretrained_path``)
     and requires ``width == 1.0``; a missing file raises ``FileNotFoundError`` naming the path.
     """
-    if model_cfg.backbone not in BACKBONES:
-        raise ValueError(f"unknown backbone {model_cfg.backbone!r} (allowed: {', '.join(BACKBONES)})")
-    if model_cfg.size < 128:
-        raise ValueError(f"model.size must be >= 128 (multiples of 32, or 300), got {model_cfg.size}")
-    if not (model_cfg.width > 0 and math.isfinite(model_cfg.width)):
-        raise ValueError(f"model.width must be > 0, got {model_cfg.width}")
-    if model_cfg.pretrained and model_cfg.width != 1.0:
-        raise ValueError(f"model.pretrained=true needs model.width=1.0 (got {model_cfg.width})")
+    check(model_cfg, "model")  # as config.load checks a file: ConfigError naming the key
+    check(fe_cfg, "fe")
     crop = model_cfg.train_crop
-    if crop and not (128 <= crop < model_cfg.size):
-        raise ValueError(f"model.train_crop must be 0 or in [128, model.size={model_cfg.size}), got {crop}")
     extra = {"batch_norm": model_cfg.batch_norm} if model_cfg.backbone == "vgg16" else {}
     backbone = BACKBONES[model_cfg.backbone](
         crop or model_cfg.size, model_cfg.width, model_cfg.pretrained, fe_cfg.placement, **extra

@@ -7,13 +7,12 @@ Usage::
 Output: a COCO results list ``[{image_id, category_id: 1, bbox: [x, y, w, h], score}, ...]`` with boxes in
 the pixel frame of the PNG (not the resized network input), clipped to the image. ``RUN`` is a training
 run folder (``config.yaml`` + ``model.pt``, see :mod:`cmbfe.train`); ``PRE`` defaults to the run config's
-``data_path()/pre``.
+``pre_path()``.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -23,15 +22,12 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from cmbfe import config as C
+from cmbfe.boxes import xyxy_to_xywh
 from cmbfe.data import SliceDataset, collate_fn
-from cmbfe.io import InputError
+from cmbfe.errors import ConfigError, InputError
+from cmbfe.models import build_model
+from cmbfe.runtime import apply_thread_env
 from cmbfe.utils import atomic_write_json
-
-
-def apply_thread_env() -> None:
-    """Set torch's intra-op threads from ``CMBFE_THREADS`` when given (1 is fastest for tiny CPU models)."""
-    if os.environ.get("CMBFE_THREADS"):
-        torch.set_num_threads(int(os.environ["CMBFE_THREADS"]))
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -39,7 +35,7 @@ def resolve_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise C.ConfigError(f"device '{name}' requested but CUDA is not available")
+        raise ConfigError(f"device '{name}' requested but CUDA is not available")
     return torch.device(name)
 
 
@@ -50,14 +46,14 @@ def detections_to_coco(output: dict[str, torch.Tensor], image_id: int, width: in
     boxes[:, 0::2] = boxes[:, 0::2].clamp(0.0, float(width))
     boxes[:, 1::2] = boxes[:, 1::2].clamp(0.0, float(height))
     out = []
-    for (x0, y0, x1, y1), s in zip(boxes.tolist(), scores.tolist()):
-        if x1 - x0 <= 0 or y1 - y0 <= 0:
+    for (x, y, w, h), s in zip(xyxy_to_xywh(boxes.double()).tolist(), scores.tolist()):
+        if w <= 0 or h <= 0:
             continue
         out.append(
             {
                 "image_id": int(image_id),
                 "category_id": 1,
-                "bbox": [round(x0, 3), round(y0, 3), round(x1 - x0, 3), round(y1 - y0, 3)],
+                "bbox": [round(x, 3), round(y, 3), round(w, 3), round(h, 3)],
                 "score": round(float(s), 6),
             }
         )
@@ -103,8 +99,6 @@ def predict(
 
 def load_model(run_dir: Path | str, device: torch.device | str = "cpu") -> nn.Module:
     """Rebuild the detector from ``RUN/config.yaml``, load ``RUN/model.pt`` (``weights_only=True``), eval()."""
-    from cmbfe.models import build_model
-
     run = Path(run_dir)
     cfg_path, weights = run / "config.yaml", run / "model.pt"
     for p in (cfg_path, weights):
@@ -131,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     device = resolve_device(args.device)
     model = load_model(args.run, device)
     cfg: C.Config = model.run_config  # type: ignore[attr-defined]
-    pre = args.data if args.data is not None else cfg.data_path() / "pre"
+    pre = args.data if args.data is not None else cfg.pre_path()
     t0 = time.perf_counter()
     dets = predict(model, pre, args.split, input=cfg.model.input, batch_size=args.batch_size, device=device)
     atomic_write_json(args.out, dets, indent=None)

@@ -14,10 +14,8 @@ Output patient ids are the folder (or VALDO subject) names, never DICOM tags (PH
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing
 import os
-import platform
 import sys
 import time
 import warnings
@@ -28,8 +26,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from cmbfe import config
 from cmbfe.config import Config, PreprocessConfig
-from cmbfe.io import InputError, find_valdo_pairs, load_patient, read_dicom_series, read_valdo
+from cmbfe.errors import InputError
+from cmbfe.io import _read_csv, find_valdo_pairs, load_patient, read_centroids, read_dicom_series, read_valdo
+from cmbfe.runtime import package_versions
 from cmbfe.utils import atomic_path, atomic_write_json
 from cmbfe.volume import Volume, volume_slice_boxes
 
@@ -169,8 +170,6 @@ def _discover(raw: Path, centroids: dict[str, Any] | None = None) -> tuple[str, 
         mode, jobs = _discover(raw)
         if mode != "dicom":
             raise InputError(f"{raw}: --centroids needs DICOM folders without lesions.csv (found {mode} data)")
-        from cmbfe.io import _read_csv
-
         listed = {str(p) for p in _read_csv(Path(centroids["csv"]), ("patient", "x", "y", "z"))["patient"]}
         unknown = sorted(listed - {j["patient_id"] for j in jobs})
         if unknown:
@@ -228,8 +227,6 @@ def _process_patient(job: dict[str, Any], pcfg: PreprocessConfig, images_dir: st
         else:
             vol = read_dicom_series(job["dicom"], on_bad_file=on_bad_file)
             if job["kind"] == "centroids":
-                from cmbfe.io import read_centroids
-
                 c = job["centroids"]
                 vol.lesions = read_centroids(c["csv"], {pid: vol}, units=c["units"],
                                              default_diameter_mm=c["diameter_mm"], only=pid).get(pid, [])
@@ -289,25 +286,6 @@ def _run_jobs(jobs: list[dict], pcfg: PreprocessConfig, images: Path, on_bad_fil
                         f.cancel()
                     raise
     return sorted(results, key=lambda r: r["patient_id"])
-
-
-def _checked(p: PreprocessConfig) -> PreprocessConfig:
-    """Value checks the types cannot express; ConfigError naming the key."""
-    from cmbfe.config import ConfigError
-
-    lo, hi = p.clip_percentiles
-    ratios = list(p.split_ratios.values())
-    for bad, key, want in (
-        (not p.n4_iterations or min(p.n4_iterations) < 0, "n4_iterations", ">= 1 level, each >= 0"),
-        (p.n4_shrink < 1, "n4_shrink", ">= 1"),
-        (not 0 <= lo < hi <= 100, "clip_percentiles", "0 <= low < high <= 100"),
-        (min(ratios) < 0 or sum(ratios) <= 0, "split_ratios", ">= 0 with a positive sum"),
-        (min(p.test_negatives_ratio, p.val_negatives_ratio) < 0, "*_negatives_ratio", ">= 0"),
-        (not 0 <= p.brain_min_fraction <= 1, "brain_min_fraction", "0..1"),
-    ):
-        if bad:
-            raise ConfigError(f"preprocess.{key}: invalid value (expected {want})")
-    return p
 
 
 def _coco(res: list[dict], split_of: dict[str, str], pcfg: PreprocessConfig) -> tuple[dict, list]:
@@ -376,33 +354,19 @@ def _write_tables(tmp: Path, res: list[dict], split_of: dict[str, str]) -> None:
     pd.DataFrame(rows, columns=cols).to_csv(tmp / "slice_objects.csv", index=False)
 
 
-def _versions() -> dict[str, str]:
-    import importlib.metadata as md
-
-    out = {"python": platform.python_version()}
-    for pkg in ("cmbfe", "numpy", "scipy", "pydicom", "nibabel", "antspyx", "pillow", "pandas"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            out[pkg] = "not installed"
-    return out
-
-
 def preprocess_cohort(raw_dir: str | Path, out_dir: str | Path, cfg: Config, *, overwrite: bool = False,
-                      on_bad_file: str = "fail", results: str | Path | None = None,
-                      progress: bool = True, centroids: str | Path | None = None,
+                      on_bad_file: str = "fail", progress: bool = True, centroids: str | Path | None = None,
                       centroid_units: str = "vox", centroid_diameter_mm: float = 5.0) -> dict:
     """Preprocess every patient of ``raw_dir`` into the PRE layout of docs/design.md at ``out_dir``.
 
     Patients run in parallel (``cfg.preprocess.workers`` processes). ``out_dir`` is built in a temp
     sibling and renamed at the end, so an error leaves nothing behind; an existing non-empty
-    ``out_dir`` is refused unless ``overwrite``. With ``results`` (a folder) and labels, Table 1 is
-    written there as ``table1_split.csv/.md``. ``centroids``: a CSV labelling DICOM folders (see the
+    ``out_dir`` is refused unless ``overwrite``. ``centroids``: a CSV labelling DICOM folders (see the
     module docstring; ``centroid_units`` ``vox`` or ``mm``, ``centroid_diameter_mm`` where the CSV has
     no ``diameter_mm``). Returns a summary (mode, patients, per-split counts).
     """
     raw, out = Path(raw_dir).resolve(), Path(out_dir).resolve()
-    pcfg = _checked(cfg.preprocess)
+    pcfg = config.check(cfg.preprocess, "preprocess")  # as at load, for a config changed in code
     if out.is_relative_to(raw):
         raise InputError(f"{out}: output folder must not be inside the input folder {raw}")
     if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
@@ -442,51 +406,16 @@ def preprocess_cohort(raw_dir: str | Path, out_dir: str | Path, cfg: Config, *, 
                      "n_cmb_slices": len(r["cmb_boxes"]), "seconds": r["seconds"]} for r in res]
         atomic_write_json(tmp / "preprocess.json", {
             "created_by": "cmbfe preprocess", "input": str(raw), "config": cfg.to_dict(),
-            "config_hash": cfg.hash(), "summary": summary, "versions": _versions(), "warnings": notes,
+            "config_hash": cfg.hash(), "summary": summary, "versions": package_versions(), "warnings": notes,
             "itk_threads": os.environ.get("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"),
             "patients": patients})
-    if results is not None and split_of:
-        from cmbfe.tables import write_table
-
-        summary["table1"] = str(write_table(table1(out), "table1_split", results, caption=TABLE1_CAPTION))
     summary["out_dir"] = str(out)
     return summary
 
 
-TABLE1_CAPTION = ("Table 1: patients / slices with CMBs / CMBs (per-slice boxes: a CMB crossing two slices "
-                  "counts twice, as the paper counts) per split; this run beside the paper's private data.")
-
-
-def table1(pre_dir: str | Path) -> pd.DataFrame:
-    """Table 1 of a PRE folder: per split (and total), patients / CMB slices / CMBs (per-slice boxes,
-    as the paper counts) of this run beside the paper's numbers, plus this run's 3D CMB count."""
-    from cmbfe.paper import LABEL, TABLE1
-
-    pre = Path(pre_dir)
-    if not (pre / "splits.csv").is_file():
-        raise InputError(f"{pre}/splits.csv: not found (unlabelled data or not a preprocessed folder)")
-    splits = pd.read_csv(pre / "splits.csv")
-    rows = []
-    for s in SPLITS:
-        coco = json.loads((pre / "annotations" / f"{s}.json").read_text())
-        pid_of = {im["id"]: im["patient_id"] for im in coco["images"]}
-        anns = coco["annotations"]
-        rows.append({"split": s, "patients (this run)": int((splits["split"] == s).sum()),
-                     f"patients ({LABEL})": TABLE1[s][0],
-                     "CMB slices (this run)": len({a["image_id"] for a in anns}),
-                     f"CMB slices ({LABEL})": TABLE1[s][1],
-                     "CMBs (this run)": len(anns), f"CMBs ({LABEL})": TABLE1[s][2],
-                     "3D CMBs (this run)": len({(pid_of[a["image_id"]], a["lesion_id"]) for a in anns})})
-    df = pd.DataFrame(rows)
-    total = {c: (df[c].sum() if c != "split" else "total") for c in df.columns}
-    return pd.concat([df, pd.DataFrame([total])], ignore_index=True)
-
-
 def main(argv: list[str] | None = None) -> int:
     """``cmbfe preprocess --input DIR --out DIR [--params FILE] [--set k=v] [--overwrite]
-    [--on-bad-file skip|fail] [--results DIR] [--centroids CSV [--centroid-units vox|mm]]``."""
-    from cmbfe import config
-
+    [--on-bad-file skip|fail] [--centroids CSV [--centroid-units vox|mm]]``; writes only under ``--out``."""
     ap = argparse.ArgumentParser(prog="cmbfe preprocess", description=__doc__.splitlines()[0])
     ap.add_argument("--input", required=True, type=Path,
                     help="RAW folder (synthetic, DICOM per patient, VALDO)")
@@ -497,8 +426,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     ap.add_argument("--on-bad-file", choices=("fail", "skip"), default="fail",
                     help="non-DICOM/truncated files: fail (default) or skip with a warning")
-    ap.add_argument("--results", type=Path, default=None,
-                    help="where table1_split.csv/.md go (default: results/, or results/<profile>/)")
     ap.add_argument("--centroids", type=Path, default=None,
                     help="CSV of CMB centroids (patient, x, y, z[, diameter_mm]) labelling DICOM folders")
     ap.add_argument("--centroid-units", choices=("vox", "mm"), default="vox",
@@ -511,15 +438,9 @@ def main(argv: list[str] | None = None) -> int:
     s = preprocess_cohort(args.input, args.out, cfg, overwrite=args.overwrite, on_bad_file=args.on_bad_file,
                           progress=not args.no_progress, centroids=args.centroids,
                           centroid_units=args.centroid_units, centroid_diameter_mm=args.centroid_diameter_mm)
-    if s["splits"]:  # labelled: Table 1 into --results (default: the profile's results folder)
-        from cmbfe.study import results_dir
-        from cmbfe.tables import write_table
-
-        results = args.results if args.results is not None else results_dir(cfg)
-        s["table1"] = str(write_table(table1(args.out), "table1_split", results, caption=TABLE1_CAPTION))
     print(f"preprocessed {s['patients']} patients ({s['mode']}) into {s['out_dir']} in {s['seconds']:.1f} s; "
           f"images {s['images']}, boxes {s['annotations']}"
-          + (f"; Table 1 -> {s['table1']}" if "table1" in s else ""))
+          + (f"; patients per split {s['splits']}" if s["splits"] else ""))
     return 0
 
 

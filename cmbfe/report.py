@@ -1,4 +1,4 @@
-"""The study's tables and figures (notebooks 04-08): evaluate runs, set this run beside the paper.
+"""The study's tables and figures (notebooks 01, 04-08): evaluate runs, set this run beside the paper.
 
 Conventions: metrics come from :mod:`cmbfe.evaluate` (VOC rule IoU >= 0.5 greedy by score unless the
 profile's ``eval.match`` says otherwise; AP all-point); "mean [lo, hi]" over seeds is a t-interval
@@ -14,14 +14,43 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 
 from cmbfe import evaluate as E
 from cmbfe import metrics as M
-from cmbfe import paper, stats, study
-from cmbfe.config import Config
+from cmbfe import paper, stats, study, viz
+from cmbfe.config import Config, load
+from cmbfe.data import SliceDataset, read_png
+from cmbfe.errors import InputError
+from cmbfe.predict import load_model
+from cmbfe.preprocess import SPLITS
 
 PAPER = f"({paper.LABEL})"
 RUN = "(this run)"
+
+
+def table1(pre_dir: str | Path) -> pd.DataFrame:
+    """Table 1 of a PRE folder: per split (and total), patients / CMB slices / CMBs (per-slice boxes,
+    as the paper counts) of this run beside the paper's numbers, plus this run's 3D CMB count."""
+    pre = Path(pre_dir)
+    if not (pre / "splits.csv").is_file():
+        raise InputError(f"{pre}/splits.csv: not found (unlabelled data or not a preprocessed folder)")
+    splits = pd.read_csv(pre / "splits.csv")
+    label = paper.LABEL
+    rows = []
+    for s in SPLITS:
+        coco = json.loads((pre / "annotations" / f"{s}.json").read_text())
+        pid_of = {im["id"]: im["patient_id"] for im in coco["images"]}
+        anns = coco["annotations"]
+        rows.append({"split": s, "patients (this run)": int((splits["split"] == s).sum()),
+                     f"patients ({label})": paper.TABLE1[s][0],
+                     "CMB slices (this run)": len({a["image_id"] for a in anns}),
+                     f"CMB slices ({label})": paper.TABLE1[s][1],
+                     "CMBs (this run)": len(anns), f"CMBs ({label})": paper.TABLE1[s][2],
+                     "3D CMBs (this run)": len({(pid_of[a["image_id"]], a["lesion_id"]) for a in anns})})
+    df = pd.DataFrame(rows)
+    total = {c: (df[c].sum() if c != "split" else "total") for c in df.columns}
+    return pd.concat([df, pd.DataFrame([total])], ignore_index=True)
 
 
 def evaluate_run(cfg: Config, run_dir: Path, pre: Path, *, split: str = "test",
@@ -124,8 +153,6 @@ def _curve_runs(cfg: Config, ev: dict, size: int, seed: int) -> dict[str, dict[s
 
 def curves_figures(cfg: Config, ev: dict) -> tuple[Any, Any]:
     """Fig. 4 (sensitivity-precision) and Fig. 5 (FROC) for the largest size, first seed, with bands."""
-    from cmbfe import viz
-
     size, seed = max(cfg.study.sizes), cfg.study.seeds[0]
     runs = _curve_runs(cfg, ev, size, seed)
     fig4 = viz.plot_pr(runs, title=f"Sensitivity-precision (test, seed {seed})")
@@ -251,9 +278,6 @@ def _threshold(m: dict) -> float:
 def fe_difference_tiles(cfg: Config, ev: dict, pre: Path, n: int = 8) -> tuple[Any, Any]:
     """Fig. 6 (SSD false positives that SSD-FE does not make) and Fig. 7 (CMBs SSD-FE finds, SSD misses),
     each model at its own 90 %-sensitivity threshold; first seed, largest size; smallest CMBs first."""
-    from cmbfe import viz
-    from cmbfe.data import read_png
-
     size, seed = max(cfg.study.sizes), cfg.study.seeds[0]
     a, b = ev[(size, False, seed)], ev[(size, True, seed)]  # a: SSD, b: SSD-FE
     gt = a["gt"]
@@ -315,12 +339,6 @@ def fe_difference_tiles(cfg: Config, ev: dict, pre: Path, n: int = 8) -> tuple[A
 
 def fe_examples(run_dir: Path, pre: Path, n: int = 3) -> dict[str, Any]:
     """FE maps (``CMBDetector.fe_maps``) for the ``n`` test slices with the most CMB pixels, as numpy."""
-    import torch
-
-    from cmbfe.config import load
-    from cmbfe.data import SliceDataset
-    from cmbfe.predict import load_model
-
     model = load_model(run_dir)
     cfg = load(Path(run_dir) / "config.yaml")
     ds = SliceDataset(pre, "test", input=cfg.model.input)

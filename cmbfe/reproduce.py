@@ -5,7 +5,8 @@ smoke profile (so nbval runs it quickly). For profile P the runner injects ``pro
 flat keys of ``params/P.yaml``'s ``notebooks: {NN_name: {...}}`` section, after checking every key
 against the names assigned in the parameters cell (papermill itself only logs unknown ones).
 
-Executed copies go to ``results/notebooks/`` (``results/<profile>/notebooks/`` for non-default profiles). A notebook whose source, parameters, profile
+Executed copies go to ``cfg.results_path() / "notebooks"`` (``results/notebooks/``, or
+``results/<profile>/notebooks/`` for non-default profiles). A notebook whose source, parameters, profile
 config and package code are unchanged since its last successful run on this machine (its data folder
 exists) is skipped unless ``--force``; a fresh clone therefore regenerates everything.
 A failure names the notebook and the cell and leaves earlier results in place.
@@ -24,26 +25,23 @@ import hashlib
 import json
 import multiprocessing as mp
 import os
-import platform
 import subprocess
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from cmbfe import config
 from cmbfe.config import REPO_ROOT, Config, ConfigError
+from cmbfe.runtime import device_description, package_versions, set_thread_env
 from cmbfe.utils import atomic_write_json
 
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
 STAGES: dict[str, str] = {"06_cross_validation": "secondary", "07_backbone_timing": "secondary",
                           "08_ablations": "secondary"}
 """Notebook -> stage, for notebooks that may run side by side (others are their own stage)."""
-PACKAGES = ("cmbfe", "torch", "torchvision", "numpy", "scipy", "pydicom", "antspyx", "nilearn",
-            "pandas", "matplotlib", "scikit-learn", "papermill", "pycocotools")
 
 
 def notebooks() -> list[Path]:
@@ -130,38 +128,6 @@ def git_commit() -> str:
         return "unknown"
 
 
-def device_description() -> dict[str, Any]:
-    """What the run executes on: CPU model and cores, and the GPU name when CUDA is available."""
-    import os
-
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    dev: dict[str, Any] = {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                           "cuda": torch.cuda.is_available()}
-    if torch.cuda.is_available():
-        dev["gpu"] = torch.cuda.get_device_name(0)
-    return dev
-
-
-def package_versions() -> dict[str, str]:
-    out = {}
-    for name in PACKAGES:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = "not installed"
-    out["python"] = platform.python_version()
-    return out
-
-
 def _execute(run: tuple[str, str, dict[str, Any], int]) -> dict[str, Any]:
     """Execute one notebook with papermill (in this process or a pool worker); never raises on a cell error.
 
@@ -173,8 +139,7 @@ def _execute(run: tuple[str, str, dict[str, Any], int]) -> dict[str, Any]:
 
     nb, out, params, threads = run
     if threads:  # inherited by the kernel this process starts: torch, OpenMP and BLAS pools all sized
-        for var in ("CMBFE_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-            os.environ[var] = str(threads)
+        set_thread_env(threads)
     t0 = time.perf_counter()
     try:
         pm.execute_notebook(nb, out, parameters=params, cwd=str(REPO_ROOT), kernel_name="python3",
@@ -204,8 +169,6 @@ def stage_groups(jobs: list[tuple]) -> list[list[tuple]]:
 def reproduce(profile: str, *, only: list[str] | None = None, force: bool = False,
               overrides: tuple[str, ...] = ()) -> int:
     """Run the study notebooks for ``profile``; return 0 on success, 1 on a notebook failure."""
-    from cmbfe.study import results_dir
-
     cfg = config.load(profile, list(overrides))
     check_profile(cfg)
     nbs = notebooks()
@@ -215,7 +178,7 @@ def reproduce(profile: str, *, only: list[str] | None = None, force: bool = Fals
         if missing:
             raise ConfigError(f"--only {sorted(missing)}: no such notebook")
         nbs = [p for p in nbs if p.stem in names or p.stem.split("_", 1)[0] in names]
-    out_dir = results_dir(cfg) / "notebooks"
+    out_dir = cfg.results_path() / "notebooks"
     out_dir.mkdir(parents=True, exist_ok=True)
     stamps_path = out_dir / "stamps.json"
     stamps = json.loads(stamps_path.read_text()) if stamps_path.exists() else {}
@@ -284,7 +247,7 @@ def reproduce(profile: str, *, only: list[str] | None = None, force: bool = Fals
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "notebook_seconds": timings, "status": "ok" if status == 0 else "failed", "reduced": cfg.study.reduced,
     }
-    atomic_write_json(results_dir(cfg) / "provenance.json", provenance)
+    atomic_write_json(cfg.results_path() / "provenance.json", provenance)
     return status
 
 

@@ -4,56 +4,40 @@ Everything is keyed by configuration hashes, so a notebook re-executed with the 
 the cohort, the preprocessed slices and the trained runs instead of recomputing them, and two
 notebooks that need the same run (05 and 04, say) share it.
 
-Where things go (paths from the repository root, whatever the working directory):
-- data: ``data/<profile>/raw`` (DICOM cohort), ``data/<profile>/pre`` (slices + COCO);
-- runs: ``runs/<profile>/<tag>-<confighash>/``;
-- tables: ``results/`` for the ``default`` profile (committed), ``results/<profile>/`` otherwise;
-- figures: ``figures/`` for ``default``, ``figures/<profile>/`` otherwise.
+Where things go (the path methods of :class:`cmbfe.config.Config`, from the repository root):
+- data: ``cfg.raw_path()`` (DICOM cohort), ``cfg.pre_path()`` (slices + COCO);
+- runs: ``cfg.runs_path() / "<tag>-<confighash>"``;
+- tables: ``cfg.results_path()`` (``results/`` for the ``default`` profile, committed; ``results/<profile>/``
+  otherwise);
+- figures: ``cfg.figures_path()`` (``figures/`` for ``default``, ``figures/<profile>/`` otherwise).
+
+Overrides are ``{"section.key": value}`` mappings (``--set`` syntax), e.g. ``{"fe.enabled": True}``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import hashlib
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from cmbfe import config
-from cmbfe.config import REPO_ROOT, Config
+from cmbfe.config import REPO_ROOT, Config, load, with_overrides
+from cmbfe.predict import load_model, predict
+from cmbfe.preprocess import preprocess_cohort
+from cmbfe.synth import synthesize_cohort
+from cmbfe.tables import write_table
+from cmbfe.train import fit
 from cmbfe.utils import atomic_write_json
+from cmbfe.viz import save_figure as _save_figure
 
-COMMITTED_PROFILE = "default"
-
-
-def results_dir(cfg: Config) -> Path:
-    """Folder for this profile's tables (``results/`` for default, ``results/<profile>/`` else)."""
-    d = REPO_ROOT / "results" if cfg.profile == COMMITTED_PROFILE else REPO_ROOT / "results" / cfg.profile
-    d.mkdir(parents=True, exist_ok=True)
-    return d
-
-
-def figures_dir(cfg: Config) -> Path:
-    """Folder for this profile's figures (``figures/`` for default, ``figures/<profile>/`` else)."""
-    d = REPO_ROOT / "figures" if cfg.profile == COMMITTED_PROFILE else REPO_ROOT / "figures" / cfg.profile
-    d.mkdir(parents=True, exist_ok=True)
-    return d
-
-
-def with_overrides(cfg: Config, **dotted: Any) -> Config:
-    """A copy of ``cfg`` with ``section__key=value`` overrides (``fe__enabled=True``), validated."""
-    data = copy.deepcopy(cfg.to_dict())
-    for key, value in dotted.items():
-        sec, _, name = key.partition("__")
-        if not name:
-            data[sec] = value
-        else:
-            data.setdefault(sec, {})[name] = value
-    return config.from_dict(data, f"{cfg.profile}+overrides")
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - non-POSIX: the lock is a no-op
+    fcntl = None  # type: ignore[assignment]
 
 
 def _hash(obj: Any) -> str:
@@ -70,27 +54,30 @@ def data_key(cfg: Config) -> str:
 
 def ensure_data(cfg: Config, *, force: bool = False, progress: bool = True) -> Path:
     """Synthesise and preprocess the cohort for ``cfg`` unless a matching copy exists; return PRE."""
-    from cmbfe.preprocess import preprocess_cohort
-    from cmbfe.synth import synthesize_cohort
-
-    root = cfg.data_path()
-    raw, pre = root / "raw", root / "pre"
-    stamp = root / "data_key.json"
+    raw, pre = cfg.raw_path(), cfg.pre_path()
+    stamp = cfg.data_path() / "data_key.json"
     key = data_key(cfg)
     if not force and stamp.exists() and json.loads(stamp.read_text()).get("key") == key and \
             (pre / "annotations" / "test.json").exists():
         return pre
     synthesize_cohort(raw, cfg.synth, progress=progress, overwrite=True)
-    preprocess_cohort(raw, pre, cfg, overwrite=True, results=None)
+    preprocess_cohort(raw, pre, cfg, overwrite=True)
     atomic_write_json(stamp, {"key": key, "profile": cfg.profile})
     return pre
+
+
+# Keys added to a section after runs were cached under run_key: at these values they train exactly what the
+# code did before they existed, so they are left out of the key and a cached run keeps its folder.
+KEY_NEUTRAL: dict[str, dict[str, Any]] = {"train": {"schedule": "step", "warmup": 0, "grad_clip": 0.0, "ema": 0.0}}
+_TRAIN_FREE = ("workers", "log_every", "checkpoint_every", "device", "tensorboard")  # never change the weights
 
 
 def run_key(cfg: Config) -> str:
     """Hash of what determines a trained model (data + model + fe + augment + train sections)."""
     d = cfg.to_dict()
-    train = {k: v for k, v in d["train"].items() if k not in ("workers", "log_every", "checkpoint_every",
-                                                               "device", "tensorboard")}
+    for sec, neutral in KEY_NEUTRAL.items():
+        d[sec] = {k: v for k, v in d[sec].items() if not (k in neutral and v == neutral[k])}
+    train = {k: v for k, v in d["train"].items() if k not in _TRAIN_FREE}
     return _hash({"data": data_key(cfg), "model": d["model"], "fe": d["fe"], "augment": d["augment"],
                   "train": train, "eval": d["eval"]["match"]})
 
@@ -109,9 +96,7 @@ def _locked(path: Path) -> Iterator[None]:
     """Hold an exclusive lock on ``path`` (created if missing; POSIX ``flock``, no-op elsewhere), so
     that notebooks run side by side by ``cmbfe reproduce`` never train or predict the same run twice
     at once: the second waits and then finds the first one's result."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - non-POSIX
+    if fcntl is None:  # pragma: no cover
         yield
         return
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -127,14 +112,12 @@ def ensure_run(cfg: Config, *, data: str | Path | None = None, progress: bool = 
     """Train ``cfg`` (on PRE ``data``, default the profile's) unless a finished run with the same key
     exists; resume a killed one. Returns RUN. Safe to call from concurrent processes (a lock file
     ``runs/<profile>/.<run>.lock`` serialises the check and the training)."""
-    from cmbfe.train import fit
-
     key = run_key(cfg)
     if data is not None:
         rel = Path(data).resolve()
         rel = rel.relative_to(REPO_ROOT) if rel.is_relative_to(REPO_ROOT) else rel
         key = _hash({"run": key, "data": str(rel)})
-    run_dir = REPO_ROOT / "runs" / cfg.profile / f"{run_tag(cfg)}-{key}"
+    run_dir = cfg.runs_path() / f"{run_tag(cfg)}-{key}"
     if (run_dir / "model.pt").exists():
         return run_dir
     with _locked(run_dir.parent / f".{run_dir.name}.lock"):
@@ -147,9 +130,6 @@ def ensure_run(cfg: Config, *, data: str | Path | None = None, progress: bool = 
 def ensure_predictions(run_dir: Path, pre: Path, split: str = "test") -> list[dict]:
     """COCO-results detections of ``run_dir``'s model on ``PRE/annotations/<split>.json`` (cached in the run
     folder as ``dets_<split>.json``; concurrent callers wait for one another)."""
-    from cmbfe.config import load
-    from cmbfe.predict import load_model, predict
-
     path = Path(run_dir) / f"dets_{split}.json"
     if not path.exists():
         with _locked(Path(run_dir) / f".dets_{split}.lock"):
@@ -168,16 +148,12 @@ def load_gt(pre: Path, split: str = "test") -> dict:
 
 def save_figure(fig: Any, cfg: Config, name: str) -> list[Path]:
     """Save a matplotlib figure as PNG and PDF under the profile's figures folder (see viz.save_figure)."""
-    from cmbfe.viz import save_figure as _save
-
-    return _save(fig, figures_dir(cfg) / name)
+    return _save_figure(fig, cfg.figures_path() / name)
 
 
 def save_table(df: pd.DataFrame, cfg: Config, stem: str, caption: str = "") -> Path:
     """Write a table as ``<stem>.csv`` and ``<stem>.md`` in the profile's results folder."""
-    from cmbfe.tables import write_table
-
-    return write_table(df, stem, results_dir(cfg), caption=caption)
+    return write_table(df, stem, cfg.results_path(), caption=caption)
 
 
 def main_grid(cfg: Config) -> list[dict[str, Any]]:
@@ -190,13 +166,14 @@ def main_grid(cfg: Config) -> list[dict[str, Any]]:
 
 
 def grid_config(cfg: Config, *, size: int | None = None, fe: bool | None = None, seed: int | None = None,
-                **dotted: Any) -> Config:
-    """``cfg`` with the 03_train parameters applied (None keeps the profile's value)."""
-    over: dict[str, Any] = dict(dotted)
+                overrides: Mapping[str, Any] | None = None) -> Config:
+    """``cfg`` with the 03_train parameters and ``overrides`` (``{"section.key": value}``) applied (None
+    keeps the profile's value)."""
+    over: dict[str, Any] = dict(overrides or {})
     if size is not None:
-        over["model__size"] = size
+        over["model.size"] = size
     if fe is not None:
-        over["fe__enabled"] = fe
+        over["fe.enabled"] = fe
     if seed is not None:
-        over["train__seed"] = seed
-    return with_overrides(cfg, **over) if over else cfg
+        over["train.seed"] = seed
+    return with_overrides(cfg, over) if over else cfg

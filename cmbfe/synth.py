@@ -28,7 +28,10 @@ from scipy import fft as sfft
 from scipy import ndimage as ndi
 from scipy.spatial import cKDTree
 
-from cmbfe.config import SynthConfig
+from cmbfe.config import SynthConfig, load
+from cmbfe.errors import InputError
+from cmbfe.io import write_dicom_series
+from cmbfe.utils import atomic_path
 from cmbfe.volume import Lesion, Volume, volume_slice_boxes
 
 GAMMA_MHZ_T = 42.577478
@@ -670,8 +673,6 @@ def _init_worker() -> None:
 
 def _write_patient(index: int, cfg: SynthConfig, root: str) -> dict:
     """Synthesize one patient and write its DICOM series and CSVs under ``root``; return its stats."""
-    from cmbfe.io import write_dicom_series
-
     t = time.perf_counter()
     vol = synthesize_patient(index, cfg)
     pdir = Path(root) / vol.patient_id
@@ -696,9 +697,6 @@ def synthesize_cohort(
     ``n_cmb_boxes``, ``n_cmb_slices``, ``n_mimics``, ``seconds``).
     """
     from tqdm import tqdm
-
-    from cmbfe.io import InputError
-    from cmbfe.utils import atomic_path
 
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite and (not out_dir.is_dir() or any(out_dir.iterdir())):
@@ -732,8 +730,6 @@ def synthesize_cohort(
 def main(argv: list[str] | None = None) -> int:
     """``cmbfe synth --out DIR [--params P] [--patients N] [--seed S] [--matrix M] [--workers W]
     [--overwrite]``; prints one summary line."""
-    from cmbfe.config import ConfigError, load
-
     ap = argparse.ArgumentParser(prog="cmbfe synth",
                                  description="Generate the synthetic SWI cohort (DICOM + ground truth).")
     ap.add_argument("--out", required=True, type=Path, help="output folder (created atomically)")
@@ -747,12 +743,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
-    cfg = load(args.params, args.set).synth
-    for key in ("patients", "seed", "matrix", "workers"):
-        if getattr(args, key) is not None:
-            setattr(cfg, key, getattr(args, key))
-    if cfg.patients < 1 or cfg.matrix < 16:
-        raise ConfigError("synth: --patients must be >= 1 and --matrix >= 16")
+    flags = [f"synth.{k}={getattr(args, k)}" for k in ("patients", "seed", "matrix", "workers")
+             if getattr(args, k) is not None]  # synth.* overrides, checked with the profile at load
+    cfg = load(args.params, [*args.set, *flags]).synth
     t = time.perf_counter()
     df = synthesize_cohort(args.out, cfg, progress=not args.quiet, overwrite=args.overwrite)
     print(f"synth: {len(df)} patients, {int(df.n_cmb.sum())} CMBs, {int(df.n_cmb_boxes.sum())} CMB boxes on "

@@ -1,4 +1,5 @@
-"""Writing result tables: ``results/<stem>.csv`` and ``results/<stem>.md``, atomically.
+"""Writing result tables: ``<folder>/<stem>.csv`` and ``<folder>/<stem>.md``, atomically (the study writes
+to ``cfg.results_path()``, see :func:`cmbfe.study.save_table`).
 
 Every table cmbfe writes puts this run's numbers beside the paper's (Li et al. 2021, private data),
 in columns labelled ``"... (this run)"`` and ``"... (paper, private data)"`` (see :mod:`cmbfe.paper`);
@@ -12,18 +13,13 @@ from pathlib import Path
 
 import pandas as pd
 
-from cmbfe.config import REPO_ROOT
 from cmbfe.utils import atomic_write_text
 
-RESULTS_DIR = REPO_ROOT / "results"
 
-
-def write_table(df: pd.DataFrame, stem: str, results_dir: str | Path | None = None, *,
-                caption: str = "") -> Path:
+def write_table(df: pd.DataFrame, stem: str, results_dir: str | Path, *, caption: str = "") -> Path:
     """Write ``df`` as ``<results_dir>/<stem>.csv`` (no index) and ``<stem>.md`` (caption, then a
-    Markdown table, empty cells for missing values, floats to 3 decimals); both atomic.
-    ``results_dir`` defaults to the repository's ``results/``. Returns the CSV path."""
-    out = Path(results_dir) if results_dir is not None else RESULTS_DIR
+    Markdown table, empty cells for missing values, floats to 3 decimals); both atomic. Returns the CSV path."""
+    out = Path(results_dir)
     out.mkdir(parents=True, exist_ok=True)
     csv_path = out / f"{stem}.csv"
     atomic_write_text(csv_path, df.to_csv(index=False))

@@ -50,8 +50,11 @@ from torch.utils.data import DataLoader
 from cmbfe import config as C
 from cmbfe.augment import build_augment
 from cmbfe.data import InfiniteSampler, SliceDataset, collate_fn
-from cmbfe.io import InputError
+from cmbfe.errors import InputError
+from cmbfe.evaluate import dets_from_coco, evaluate, gt_from_coco
+from cmbfe.models import build_model
 from cmbfe.predict import predict, resolve_device
+from cmbfe.runtime import apply_thread_env
 from cmbfe.utils import CSVLogger, atomic_write_bytes, atomic_write_json, seed_everything
 
 LOG_FIELDS = ["iteration", "loss", "bbox_loss", "cls_loss", "lr", "images_per_s", "seconds"]
@@ -222,8 +225,6 @@ def validate_split(
     model: nn.Module, dataset: SliceDataset, cfg: C.Config, device: torch.device
 ) -> dict[str, Any]:
     """Predict on ``dataset`` (the val split) and return its metrics (``cmbfe.evaluate``)."""
-    from cmbfe.evaluate import dets_from_coco, evaluate, gt_from_coco
-
     kw = {"input": dataset.input, "batch_size": cfg.train.batch_size, "device": device, "dataset": dataset}
     dets = predict(model, dataset.pre_dir, dataset.split, **kw)
     gt = gt_from_coco(dataset.coco, f"{dataset.pre_dir}/annotations/{dataset.split}.json")
@@ -270,17 +271,15 @@ def fit(
     data: Path | str | None = None,
     stop_after: int | None = None,
 ) -> Path:
-    """Train ``build_model(cfg.model, cfg.fe)`` on ``data`` (default ``cfg.data_path()/"pre"``) in ``out_dir``.
+    """Train ``build_model(cfg.model, cfg.fe)`` on ``data`` (default ``cfg.pre_path()``) in ``out_dir``.
 
     ``resume`` continues from ``out_dir/checkpoint.pt`` (configuration must match, except the train keys in
     ``RESUME_FREE``). ``stop_after`` ends the call after that many iterations in total (an interruption: a
     checkpoint is written, no final weights) and returns the checkpoint path. Returns ``out_dir/model.pt``.
     """
-    from cmbfe.models import build_model
-
     out = Path(out_dir)
     tc = cfg.train
-    pre = Path(data) if data is not None else cfg.data_path() / "pre"
+    pre = Path(data) if data is not None else cfg.pre_path()
     rank, world, local = dist_env()
     device = resolve_device(tc.device)
     if world > 1:
@@ -292,9 +291,7 @@ def fit(
         if tc.batch_size % world:
             raise C.ConfigError(f"train.batch_size {tc.batch_size} is not divisible by WORLD_SIZE {world}")
     main_proc = rank == 0
-    threads_before = torch.get_num_threads()
-    if os.environ.get("CMBFE_THREADS"):
-        torch.set_num_threads(int(os.environ["CMBFE_THREADS"]))
+    threads_before = apply_thread_env()
     det_before = torch.are_deterministic_algorithms_enabled()
     if device.type == "cpu":
         torch.use_deterministic_algorithms(True, warn_only=True)

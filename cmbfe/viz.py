@@ -16,6 +16,7 @@ A run passed to :func:`plot_pr`/:func:`plot_froc` is a :class:`cmbfe.metrics.Cur
 from __future__ import annotations
 
 import io
+import json
 import os
 import sys
 from collections.abc import Mapping, Sequence
@@ -28,9 +29,12 @@ if "ipykernel" not in sys.modules and not os.environ.get("MPLBACKEND"):
     matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
+import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
+from cmbfe.augment import build_augment
+from cmbfe.data import SliceDataset, read_png
 from cmbfe.metrics import FROC_FPS, Curve
 from cmbfe.utils import atomic_write_bytes
 
@@ -214,12 +218,6 @@ OBJECT_COLORS = {"cmb": "#ff2020", "vein": "#2080ff", "calcification": "#ff9900"
 def data_examples(pre: str | Path, n: int = 3, crop: int | None = None) -> Figure:
     """``n`` slices with the most CMBs (one per patient), CMB boxes red and mimic boxes coloured by kind
     (:data:`OBJECT_COLORS`), from a preprocessed folder (``slice_objects.csv`` + ``images/``)."""
-    import json
-
-    import pandas as pd
-
-    from cmbfe.data import read_png
-
     pre = Path(pre)
     objs = pd.read_csv(pre / "slice_objects.csv")
     cmb = objs[objs["kind"] == "cmb"].groupby(["patient_id", "slice_index"]).size().sort_values(
@@ -252,9 +250,6 @@ def data_examples(pre: str | Path, n: int = 3, crop: int | None = None) -> Figur
 
 def augment_examples(pre: str | Path, augment_cfg: Any, n: int = 4, seed: int = 0) -> Figure:
     """One training slice with CMBs and ``n`` augmented draws of it (boxes green), seeded."""
-    from cmbfe.augment import build_augment
-    from cmbfe.data import SliceDataset
-
     ds = SliceDataset(pre, "train", negatives_ratio=0)
     counts = [len(ds.target(i)["boxes"]) for i in range(len(ds))]
     idx = int(np.argmax(counts))

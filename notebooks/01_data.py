@@ -16,7 +16,7 @@ profile = "smoke"
 import pandas as pd
 import matplotlib.pyplot as plt
 
-from cmbfe import config, preprocess, study, viz
+from cmbfe import config, report, study, viz
 
 cfg = config.load(profile)
 print(f"profile {cfg.profile}: {cfg.synth.patients} patients, matrix {cfg.synth.matrix}, "
@@ -29,7 +29,7 @@ print("preprocessed data:", pre.relative_to(config.REPO_ROOT))
 # "CMBs" counts boxes on slices, as the paper's Table 1 does (a CMB crossing two slices counts twice).
 
 # %%
-t1 = preprocess.table1(pre)
+t1 = report.table1(pre)
 study.save_table(t1, cfg, "table1_split",
                  caption=f"Table 1: patients / CMB slices / CMBs per split. {cfg.study.reduced}")
 t1

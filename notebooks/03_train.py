@@ -28,10 +28,10 @@ import pandas as pd
 from cmbfe import config, study
 
 base = config.load(profile)
-extra = {k: v for k, v in {"model__backbone": backbone, "model__priors": priors, "model__input": input_channels,
-                          "fe__placement": fe_placement, "fe__schedule": fe_schedule,
-                          "fe__variant": fe_variant, "train__iterations": iterations}.items() if v is not None}
-cfg = study.grid_config(base, size=size, fe=fe, seed=seed, **extra)
+extra = {k: v for k, v in {"model.backbone": backbone, "model.priors": priors, "model.input": input_channels,
+                          "fe.placement": fe_placement, "fe.schedule": fe_schedule,
+                          "fe.variant": fe_variant, "train.iterations": iterations}.items() if v is not None}
+cfg = study.grid_config(base, size=size, fe=fe, seed=seed, overrides=extra)
 pre = study.ensure_data(cfg)
 run = study.ensure_run(cfg)
 # test-set detections are computed here (cached in the run folder), so that side-by-side executions of this

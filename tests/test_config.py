@@ -80,3 +80,69 @@ def test_hash_is_stable_and_sensitive(tmp_path):
 def test_override_accepts_exponent_floats():
     assert config.load("smoke", ["train.lr=1e-3"]).train.lr == 1e-3
     assert config.load("smoke", ["model.backbone=resnet34"]).model.backbone == "resnet34"
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("model.size=64", "model.size"),
+        ("fe.placement=middle", "fe.placement"),
+        ("train.lr=0", "train.lr"),
+        ("train.lr=-1e-3", "train.lr"),
+        ("model.backbone=alexnet", "model.backbone"),
+        ("preprocess.n4_shrink=0", "preprocess.n4_shrink"),
+        ("preprocess.clip_percentiles=[50, 10]", "preprocess.clip_percentiles"),
+        ("model.width=0", "model.width"),
+        ("eval.iou=1.5", "eval.iou"),
+        ("study.ablations=[placement, nope]", "study.ablations"),
+        ("study.timing_backbones=['vgg16-256']", "study.timing_backbones"),
+        ("study.secondary={model.size: 64}", "study.secondary"),
+        ("study.secondary={model__size: 256}", "study.secondary"),
+        ("train.device=tpu", "train.device"),
+    ],
+)
+def test_bad_value_fails_at_load_naming_the_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")) as err:
+        config.load("smoke", [override])
+    assert "\n" not in str(err.value)
+
+
+def test_sections_built_in_code_are_checked_like_files():
+    assert config.check(config.ModelConfig(size=128, width=0.125), "model").size == 128
+    with pytest.raises(ConfigError, match=r"model\.size"):
+        config.check(config.ModelConfig(size=96), "model")
+    with pytest.raises(ConfigError, match=r"fe\.variant"):
+        config.check(config.FEConfig(variant="nope"), "fe")
+
+
+def test_one_override_syntax():
+    cfg = config.load("smoke")
+    c = config.with_overrides(cfg, {"model.size": 256, "fe.enabled": True, "study.seeds": [3]})
+    assert (c.model.size, c.fe.enabled, c.study.seeds) == (256, True, (3,))
+    assert c.to_dict() == config.load("smoke", ["model.size=256", "fe.enabled=true", "study.seeds=[3]"]).to_dict()
+    assert cfg.model.size == 128  # a copy
+    with pytest.raises(ConfigError, match="unknown key 'model.sise'"):
+        config.with_overrides(cfg, {"model.sise": 256})
+    d = config.load("default")
+    assert d.study.secondary == {"model.size": 256, "model.train_crop": 0}
+
+
+def test_choices_have_one_home():
+    from typing import get_args
+
+    from cmbfe import data, experiments, fe, models
+
+    assert tuple(models.BACKBONES) == get_args(config.Backbone)
+    assert fe.SCHEDULES == get_args(config.FESchedule) and fe.VARIANTS == get_args(config.FEVariant)
+    assert data.INPUTS == get_args(config.InputKind)
+    assert tuple(experiments.ABLATIONS) == get_args(config.Ablation)
+
+
+def test_paths_have_one_home(tmp_path):
+    cfg = config.load("smoke", [f"data_dir={tmp_path}/d-{{profile}}"])
+    assert cfg.data_path() == tmp_path / "d-smoke"
+    assert (cfg.raw_path(), cfg.pre_path()) == (tmp_path / "d-smoke" / "raw", tmp_path / "d-smoke" / "pre")
+    assert cfg.runs_path() == config.REPO_ROOT / "runs" / "smoke"
+    assert cfg.results_path() == config.REPO_ROOT / "results" / "smoke"
+    assert cfg.figures_path() == config.REPO_ROOT / "figures" / "smoke"
+    assert config.load("default").results_path() == config.REPO_ROOT / "results"

@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pandas as pd
+import pytest
 from test_data import make_pre
 
 from cmbfe import config, experiments, paper, report
@@ -40,11 +41,7 @@ def test_cv_summary_sets_paper_beside_this_run():
     assert all("(this run)" in c or "(paper, private data)" in c or c in ("model", "folds") for c in s.columns)
 
 
-def test_unknown_ablation_is_named(tmp_path):
-    cfg = config.load("smoke", ["study.ablations=[nope]"])
-    try:
-        experiments.ablations(cfg, tmp_path)
-    except ValueError as e:
-        assert "nope" in str(e)
-    else:  # pragma: no cover
-        raise AssertionError("expected ValueError")
+def test_unknown_ablation_is_named_at_load():
+    with pytest.raises(config.ConfigError, match=r"study\.ablations\[0\]: 'nope' is not one of"):
+        config.load("smoke", ["study.ablations=[nope]"])
+    assert set(experiments.ABLATIONS) == set(config.load("smoke").study.ablations)

@@ -1,4 +1,4 @@
-"""Tests of cmbfe.preprocess (N4, normalisation, split, PRE layout, COCO, Table 1, CLI) on tiny cohorts."""
+"""Tests of cmbfe.preprocess (N4, normalisation, split, PRE layout, COCO, CLI) and Table 1 on tiny cohorts."""
 
 from __future__ import annotations
 
@@ -23,8 +23,8 @@ from cmbfe.preprocess import (
     normalise,
     preprocess_cohort,
     split_patients,
-    table1,
 )
+from cmbfe.report import table1
 from cmbfe.tables import write_table
 from cmbfe.volume import Lesion, Volume
 
@@ -267,12 +267,12 @@ def test_centroid_list_labels_dicom_folders(raw, pre, tmp_path):
         assert s["mode"] == "centroids" and sum(s["splits"].values()) == len(pids)
         assert _boxes_by_patient(out) == want  # the same boxes as from the synthetic lesions.csv
     args = ["preprocess", "--input", str(src), "--out", str(tmp_path / "PRE-cli"), "--no-progress",
-            "--results", str(tmp_path / "r"), "--centroids", str(tmp_path / "mm.csv"), "--centroid-units", "mm",
+            "--centroids", str(tmp_path / "mm.csv"), "--centroid-units", "mm",
             "--set", "preprocess.n4_iterations=[3]", "--set", "preprocess.workers=1"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert cli_main(args) == 0
-    assert _boxes_by_patient(tmp_path / "PRE-cli") == want and (tmp_path / "r" / "table1_split.md").is_file()
+    assert _boxes_by_patient(tmp_path / "PRE-cli") == want
     # a patient the folder lacks, and a centroid outside the volume: named, nothing written
     df.loc[[0], ["patient", "x", "y", "z"]].assign(patient="nobody").to_csv(tmp_path / "bad.csv", index=False)
     with pytest.raises(InputError, match="nobody"):
@@ -312,12 +312,15 @@ def test_valdo_cohort(tmp_path):
 # ---------------------------------------------------------------- CLI and bad input
 
 
-def test_cli_success_and_refusals(raw, tmp_path):
-    out, res = tmp_path / "PRE", tmp_path / "results"
-    args = ["preprocess", "--input", str(raw), "--out", str(out), "--results", str(res), "--no-progress",
+def test_cli_success_and_refusals(raw, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(config, "REPO_ROOT", tmp_path / "repo")  # where results/, figures/, runs/ would go
+    out = tmp_path / "out" / "PRE"
+    args = ["preprocess", "--input", str(raw), "--out", str(out), "--no-progress",
             "--set", "preprocess.n4_iterations=[3]", "--set", "preprocess.workers=1"]
     assert cli_main(args) == 0
-    assert (res / "table1_split.csv").is_file() and (res / "table1_split.md").is_file()
+    assert "patients per split" in capsys.readouterr().out
+    # the command writes under --out only: nothing beside it, nothing in the package's tree
+    assert [p.name for p in tmp_path.iterdir()] == ["out"] and [p.name for p in out.parent.iterdir()] == ["PRE"]
     assert cli_main(args) == 2  # exists: refused without --overwrite
     assert cli_main([*args, "--overwrite"]) == 0
     assert cli_main([*args, "--overwrite", "--set", "preprocess.nope=1"]) == 2
@@ -329,13 +332,11 @@ def test_cli_bad_input_leaves_nothing(raw, tmp_path):
     shutil.copytree(raw, bad)
     (bad / "SYN-0003" / "dicom" / "IM_0004.dcm").write_bytes(b"garbage, not DICOM")
     out = tmp_path / "out" / "PRE"
-    args = ["preprocess", "--input", str(bad), "--out", str(out), "--results", str(tmp_path / "r"),
-            "--no-progress",
+    args = ["preprocess", "--input", str(bad), "--out", str(out), "--no-progress",
             "--set", "preprocess.n4_iterations=[3]", "--set", "preprocess.workers=1"]
     assert cli_main(args) == 2
     assert not out.exists() and list(out.parent.iterdir()) == []
-    empty = ["preprocess", "--input", str(tmp_path / "empty"), "--out", str(out), "--no-progress",
-             "--results", str(tmp_path / "r")]
+    empty = ["preprocess", "--input", str(tmp_path / "empty"), "--out", str(out), "--no-progress"]
     assert cli_main(empty) == 2  # no such folder
     (tmp_path / "empty").mkdir()
     assert cli_main(empty) == 2  # no patient folder in it

@@ -19,7 +19,7 @@ def _evaluated(dets: list[tuple]) -> dict:
 
 
 def test_size_table_iou_vs_centre_mean_over_seeds():
-    cfg = study.with_overrides(config.load("smoke"), study__sizes=[300], study__seeds=[0, 1])
+    cfg = study.with_overrides(config.load("smoke"), {"study.sizes": [300], "study.seeds": [0, 1]})
     hit_small = [([10, 10, 2, 2], 0.9), ([42, 42, 6, 6], 0.8)]  # 2 mm found; 5 mm: IoU 0.36, centre 2.1 mm
     nothing: list[tuple] = []
     ev = {(300, False, 0): _evaluated(hit_small), (300, False, 1): _evaluated(nothing),
@@ -41,7 +41,7 @@ def test_size_table_iou_vs_centre_mean_over_seeds():
 
 
 def test_mimic_table_says_when_90_percent_is_not_reached():
-    cfg = study.with_overrides(config.load("smoke"), study__sizes=[300], study__seeds=[0, 1])
+    cfg = study.with_overrides(config.load("smoke"), {"study.sizes": [300], "study.seeds": [0, 1]})
     reached = {"at_sensitivity_0.9": {"vein": 2, "air": 1}, "all": {"vein": 9, "air": 5}}
     missed = {"at_sensitivity_0.9": None, "all": {"vein": 4}}
     ev = {(300, False, 0): {"metrics": {"fp_attribution": reached}},
@@ -56,7 +56,7 @@ def test_mimic_table_says_when_90_percent_is_not_reached():
 
 
 def test_box_scale_table_medians():
-    cfg = study.with_overrides(config.load("smoke"), study__sizes=[300], study__seeds=[0])
+    cfg = study.with_overrides(config.load("smoke"), {"study.sizes": [300], "study.seeds": [0]})
     # GT sides 2, 5, 8 px; detections centred on each, half the side (IoU 0.25) or exact
     half = [([10.5, 10.5, 1, 1], 0.9), ([42.25, 42.25, 2.5, 2.5], 0.8), ([72, 72, 4, 4], 0.7)]
     exact = [([10, 10, 2, 2], 0.9), ([41, 41, 5, 5], 0.8), ([70, 70, 8, 8], 0.7)]
@@ -68,7 +68,7 @@ def test_box_scale_table_medians():
     # one column per quantity, whatever the counts: a second seed with other matches adds rows, not columns
     ev[(300, False, 1)] = _evaluated(exact[:1])
     ev[(300, True, 1)] = _evaluated(half)
-    two = report.box_scale_table(study.with_overrides(cfg, study__seeds=[0, 1]), ev)
+    two = report.box_scale_table(study.with_overrides(cfg, {"study.seeds": [0, 1]}), ev)
     assert list(two.columns) == list(report.box_scale_table(cfg, ev).columns) and len(two) == 4
     assert two["matched GT boxes, side >= 5 px"].tolist() == [2, 0, 2, 2]
     iou = next(c for c in t.columns if c.startswith("median IoU"))

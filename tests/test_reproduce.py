@@ -57,9 +57,12 @@ def test_parameter_names_parses_without_executing(tmp_path):
 
 def test_results_and_figures_of_non_default_profiles_are_separate():
     smoke, default = config.load("smoke"), config.load("default")
-    assert study.results_dir(smoke).name == "smoke"
-    assert study.results_dir(default) == config.REPO_ROOT / "results"
-    assert study.figures_dir(smoke).parent == config.REPO_ROOT / "figures"
+    assert smoke.results_path().name == "smoke"
+    assert default.results_path() == config.REPO_ROOT / "results"
+    assert smoke.figures_path().parent == config.REPO_ROOT / "figures"
+    assert default.figures_path() == config.REPO_ROOT / "figures"
+    assert smoke.runs_path() == config.REPO_ROOT / "runs" / "smoke"
+    assert smoke.pre_path() == smoke.data_path() / "pre" and smoke.raw_path() == smoke.data_path() / "raw"
 
 
 def test_run_keys_separate_configurations():
@@ -69,7 +72,7 @@ def test_run_keys_separate_configurations():
     assert study.run_key(a) != study.run_key(b)
     assert study.run_tag(b).endswith("fe-post_l2norm-constant-s0")
     assert study.data_key(a) == study.data_key(b)
-    assert study.run_key(study.with_overrides(a, train__log_every=1)) == study.run_key(a)
+    assert study.run_key(study.with_overrides(a, {"train.log_every": 1})) == study.run_key(a)
 
 
 def _tiny_notebook(path, body: str) -> None:
