@@ -27,6 +27,7 @@ AMP (float16 autocast + GradScaler) and channels_last are used on CUDA only.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import math
 import os
@@ -35,8 +36,10 @@ import statistics
 import sys
 import time
 import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 import torch
@@ -46,6 +49,7 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler, MultiStepLR
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
 from cmbfe import config as C
 from cmbfe.augment import build_augment
@@ -262,6 +266,277 @@ def _to(targets: list[dict], device: torch.device) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------------- fit
+@dataclass
+class Session:
+    """Where this process trains: its DDP rank, the world size, the device, AMP on or off."""
+
+    rank: int
+    world: int
+    local: int
+    device: torch.device
+    amp: bool
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+@contextlib.contextmanager
+def training_session(tc: C.TrainConfig) -> Iterator[Session]:
+    """Set up DDP (under torchrun), torch's threads (``CMBFE_THREADS``) and determinism (CPU) or cuDNN
+    autotuning (CUDA) for one training; restore threads and determinism and end DDP on exit."""
+    rank, world, local = dist_env()
+    device = resolve_device(tc.device)
+    if world > 1:
+        if device.type == "cuda":
+            device = torch.device("cuda", local)
+            torch.cuda.set_device(device)
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if tc.batch_size % world:
+            raise C.ConfigError(f"train.batch_size {tc.batch_size} is not divisible by WORLD_SIZE {world}")
+    threads_before = apply_thread_env()
+    det_before = torch.are_deterministic_algorithms_enabled()
+    if device.type == "cpu":
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    else:
+        torch.backends.cudnn.benchmark = True
+    try:
+        yield Session(rank, world, local, device, amp=tc.amp and device.type == "cuda")
+    finally:
+        torch.use_deterministic_algorithms(det_before)
+        torch.set_num_threads(threads_before)
+        if world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+class Clock:
+    """Training seconds: those of earlier calls (``elapsed``, from the checkpoint) plus this call's."""
+
+    def __init__(self, elapsed: float = 0.0) -> None:
+        self.elapsed, self.t0 = elapsed, time.perf_counter()
+
+    def seconds(self) -> float:
+        return self.elapsed + time.perf_counter() - self.t0
+
+
+@dataclass
+class Parts:
+    """Everything a training loop runs on, built by :func:`build_parts`."""
+
+    cfg: C.Config
+    out: Path
+    session: Session
+    core: nn.Module  # the detector
+    model: nn.Module  # ``core``, or its DDP wrapper
+    optimizer: Optimizer
+    scheduler: LRScheduler
+    scaler: torch.amp.GradScaler
+    ema: AveragedModel | None
+    val_ds: SliceDataset | None
+    batches: Iterator[tuple[list[Tensor], list[dict]]]
+    checkpointer: Checkpointer
+    start: int = 0  # first iteration of this call
+    elapsed: float = 0.0  # training seconds of earlier calls
+
+    def final_model(self) -> nn.Module:
+        """What is validated and saved: the EMA weights when ``train.ema`` is on, else the detector."""
+        return self.core if self.ema is None else self.ema.module
+
+
+class Checkpointer:
+    """``RUN/checkpoint.pt`` (atomic): model, optimizer, scheduler, AMP scaler, EMA, every rank's RNG states,
+    the iteration and the training seconds; :meth:`restore` puts them back for an exact resume."""
+
+    def __init__(self, path: Path, cfg: C.Config, session: Session) -> None:
+        self.path, self.cfg, self.session = path, cfg, session
+
+    def restore(self, p: Parts) -> tuple[int, float]:
+        """Load the checkpoint into ``p`` (the configuration must match); return (iteration, seconds)."""
+        ck = torch.load(self.path, map_location=self.session.device, weights_only=True)
+        _resume_check(ck["config"], self.cfg, self.path)
+        p.core.load_state_dict(ck["model"])
+        p.optimizer.load_state_dict(ck["optimizer"])
+        p.scheduler.load_state_dict(ck["scheduler"])
+        if p.ema is not None:
+            p.ema.load_state_dict(ck["ema"])
+        if ck.get("scaler"):
+            p.scaler.load_state_dict(ck["scaler"])
+        set_rng_state(ck["rng"][min(self.session.rank, len(ck["rng"]) - 1)])
+        return int(ck["iteration"]), float(ck.get("elapsed_s", 0.0))
+
+    def save(self, p: Parts, it: int, seconds: float) -> None:
+        """Write the state after iteration ``it`` (every rank takes part: the RNG states are gathered)."""
+        s = self.session
+        rng = [None] * s.world
+        if s.world > 1:
+            dist.all_gather_object(rng, rng_state())
+        else:
+            rng = [rng_state()]
+        if s.main:
+            state = {"iteration": it, "model": p.core.state_dict(), "optimizer": p.optimizer.state_dict()}
+            state |= {"scheduler": p.scheduler.state_dict(), "scaler": p.scaler.state_dict(), "rng": rng}
+            if p.ema is not None:
+                state["ema"] = p.ema.state_dict()
+            state |= {"sampler": {"batch": it, "seed": self.cfg.train.seed, "world_size": s.world}}
+            state |= {"elapsed_s": seconds, "config": self.cfg.to_dict()}
+            save_torch(state, self.path)
+
+
+def build_parts(cfg: C.Config, out: Path, pre: Path, s: Session, *, resume: bool) -> Parts:
+    """Seed, then build the data sets, the detector, optimizer, LR schedule, AMP scaler and EMA; restore them
+    from ``out/checkpoint.pt`` when resuming; write ``out/config.yaml``; wrap in DDP; start the data stream at
+    the first iteration of this call."""
+    tc = cfg.train
+    seed_everything(tc.seed + s.rank)
+    aug = build_augment(cfg.augment) if cfg.augment.enabled else None
+    kw = {"input": cfg.model.input, "cache": tc.cache}
+    ds = SliceDataset(pre, "train", augment=aug, negatives_ratio=tc.negatives_ratio, seed=tc.seed, **kw)
+    ds.window = window_px(cfg.model, ds)
+    val_ds = None
+    if s.main and (pre / "annotations" / "val.json").is_file():
+        val_ds = SliceDataset(pre, "val", **kw)
+    elif s.main:
+        warnings.warn(f"{pre}/annotations/val.json not found: no validation", stacklevel=3)
+    core = build_model(cfg.model, cfg.fe).to(s.device)
+    if s.device.type == "cuda" and tc.channels_last:
+        core = core.to(memory_format=torch.channels_last)
+    optimizer, scheduler = build_optimizer(core, tc)
+    p = Parts(cfg, out, s, core, core, optimizer, scheduler, torch.amp.GradScaler(s.device.type, enabled=s.amp),
+              build_ema(core, tc.ema), val_ds, iter(()), Checkpointer(out / "checkpoint.pt", cfg, s))
+    if resume and p.checkpointer.path.is_file():
+        p.start, p.elapsed = p.checkpointer.restore(p)
+    elif resume and s.main:
+        warnings.warn(f"{p.checkpointer.path} not found: starting from iteration 0", stacklevel=3)
+    if s.main:
+        out.mkdir(parents=True, exist_ok=True)
+        C.dump(cfg, out / "config.yaml")
+    if s.world > 1:
+        p.model = nn.parallel.DistributedDataParallel(core, device_ids=[s.local] if s.device.type == "cuda" else None)
+    sampler = InfiniteSampler(len(ds), tc.batch_size // s.world, seed=tc.seed, rank=s.rank, world_size=s.world,
+                              start_batch=p.start)
+    gen = torch.Generator().manual_seed(tc.seed)  # keeps DataLoader off the global RNG
+    loader = DataLoader(ds, batch_sampler=sampler, collate_fn=collate_fn, generator=gen, num_workers=tc.workers,
+                        persistent_workers=tc.workers > 0, pin_memory=s.device.type == "cuda")
+    p.batches = iter(loader)
+    return p
+
+
+class RunLogs:
+    """``RUN/log.csv``, ``RUN/val.csv`` (unless ``val_every`` is -1) and TensorBoard (``train.tensorboard``),
+    on the main process only; appended to on resume. A context manager that closes them."""
+
+    def __init__(self, out: Path, tc: C.TrainConfig, main: bool, append: bool) -> None:
+        self.log = self.val = self.tb = None
+        if not main:
+            return
+        self.log = CSVLogger(out / "log.csv", LOG_FIELDS, append=append)
+        if tc.val_every >= 0:  # -1: never validated, so no val.csv
+            self.val = CSVLogger(out / "val.csv", VAL_FIELDS, append=append)
+        if tc.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter  # optional dependency
+
+                self.tb = SummaryWriter(str(out / "tb"))
+            except ImportError:
+                warnings.warn("tensorboard is not installed: train.tensorboard ignored", stacklevel=3)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for closable in (self.log, self.val, self.tb):
+            if closable is not None:
+                closable.close()
+
+
+def run_validation(p: Parts, logs: RunLogs, it: int) -> None:
+    """Validate :meth:`Parts.final_model` on the val split into ``val.csv`` (main process; others wait)."""
+    if p.val_ds is not None:
+        tv = time.perf_counter()
+        m = validate_split(p.final_model(), p.val_ds, p.cfg, p.session.device)
+        row = {k: m.get(k) for k in VAL_FIELDS}
+        row.update(iteration=it, seconds=round(time.perf_counter() - tv, 3), n_dets=m.get("n_dets"))
+        logs.val.log({k: _csv_value(v) for k, v in row.items()})
+        if logs.tb is not None:
+            logs.tb.add_scalar("val/ap_voc", m["ap_voc"], it)
+    if p.session.world > 1:
+        dist.barrier()
+
+
+def _log_window(p: Parts, logs: RunLogs, acc: Tensor, n: int, done: int, seconds: float, window_s: float) -> dict:
+    """Mean losses of the last ``n`` iterations (averaged over DDP ranks) into ``log.csv``; the row."""
+    if p.session.world > 1:
+        dist.all_reduce(acc)
+        acc /= p.session.world
+    vals = (acc / n).tolist()
+    if not math.isfinite(vals[0]):
+        raise FloatingPointError(f"training loss is {vals[0]} at iteration {done}")
+    row = dict(zip(LOG_FIELDS[:4], [done, *vals]), lr=p.optimizer.param_groups[0]["lr"])
+    row["images_per_s"] = round(n * p.cfg.train.batch_size / max(window_s, 1e-9), 3)
+    row["seconds"] = round(seconds, 3)
+    if p.session.main:
+        logs.log.log(row)
+        if logs.tb is not None:
+            for k in ("loss", "bbox_loss", "cls_loss", "lr", "images_per_s"):
+                logs.tb.add_scalar(f"train/{k}", row[k], done)
+    return row
+
+
+def train_loop(p: Parts, logs: RunLogs, clock: Clock, end: int, progress: bool) -> list[float]:
+    """Iterations ``p.start .. end - 1``: FE progress, training step (AMP, clipping), LR schedule, EMA; a log
+    row every ``log_every`` and at ``end``, checkpoints every ``checkpoint_every``, validation every
+    ``val_every``. Returns the seconds of each step."""
+    tc, s = p.cfg.train, p.session
+    bar = tqdm(total=tc.iterations, initial=p.start, disable=not (progress and s.main), desc="train",
+               dynamic_ncols=True)
+    acc = torch.zeros(3, device=s.device)
+    n_acc, t_win = 0, clock.t0
+    step_times: list[float] = []
+    p.model.train()
+    for it in range(p.start, end):
+        p.core.set_progress(it / tc.iterations)
+        ts = time.perf_counter()
+        images, targets = next(p.batches)
+        images = [im.to(s.device, non_blocking=True) for im in images]
+        total, bbox, cls = _train_step(p.model, images, _to(targets, s.device), p.optimizer, p.scaler, s.amp,
+                                       s.device, tc.grad_clip)
+        p.scheduler.step()
+        if p.ema is not None:
+            p.ema.update_parameters(p.core)
+        acc += torch.stack([total, bbox, cls]).float()
+        n_acc += 1
+        step_times.append(time.perf_counter() - ts)
+        done = it + 1
+        if (tc.log_every > 0 and done % tc.log_every == 0) or done == end:
+            now = time.perf_counter()
+            row = _log_window(p, logs, acc, n_acc, done, clock.seconds(), now - t_win)
+            bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.1e}")
+            acc.zero_()
+            n_acc, t_win = 0, now
+        bar.update(1)
+        if tc.checkpoint_every and done % tc.checkpoint_every == 0 and done < end:
+            p.checkpointer.save(p, done, clock.seconds())
+        if tc.val_every > 0 and done % tc.val_every == 0 and done < tc.iterations:
+            run_validation(p, logs, done)
+    bar.close()
+    return step_times
+
+
+def save_final(p: Parts, seconds: float, step_times: list[float], end: int) -> Path:
+    """``RUN/model.pt`` (:meth:`Parts.final_model`'s weights) and ``RUN/model.json`` (architecture, timings)."""
+    tc, s = p.cfg.train, p.session
+    save_torch(p.final_model().state_dict(), p.out / "model.pt")
+    med = statistics.median(step_times) if step_times else None
+    timings = {"train_s": round(seconds, 3), "iterations": tc.iterations, "this_call": end - p.start}
+    timings |= {"step_s_median": med, "images_per_s": tc.batch_size / med if med else None}
+    timings |= {"batch_size": tc.batch_size, "world_size": s.world, "device": str(s.device), "amp": s.amp}
+    info = {"model": p.core.describe(), "parameters": sum(q.numel() for q in p.core.parameters())}
+    info |= {"timings": timings, "config_hash": p.cfg.hash(), "torch": torch.__version__}
+    atomic_write_json(p.out / "model.json", info)
+    return p.out / "model.pt"
+
+
 def fit(
     cfg: C.Config,
     out_dir: Path | str,
@@ -276,194 +551,26 @@ def fit(
     ``resume`` continues from ``out_dir/checkpoint.pt`` (configuration must match, except the train keys in
     ``RESUME_FREE``). ``stop_after`` ends the call after that many iterations in total (an interruption: a
     checkpoint is written, no final weights) and returns the checkpoint path. Returns ``out_dir/model.pt``.
+    The parts: :func:`training_session` (DDP, threads, determinism), :func:`build_parts` (data, model,
+    optimizer, resume state), :func:`train_loop`, :class:`Checkpointer`, :func:`save_final`.
     """
-    out = Path(out_dir)
-    tc = cfg.train
+    out, tc = Path(out_dir), cfg.train
     pre = Path(data) if data is not None else cfg.pre_path()
-    rank, world, local = dist_env()
-    device = resolve_device(tc.device)
-    if world > 1:
-        if device.type == "cuda":
-            device = torch.device("cuda", local)
-            torch.cuda.set_device(device)
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        if tc.batch_size % world:
-            raise C.ConfigError(f"train.batch_size {tc.batch_size} is not divisible by WORLD_SIZE {world}")
-    main_proc = rank == 0
-    threads_before = apply_thread_env()
-    det_before = torch.are_deterministic_algorithms_enabled()
-    if device.type == "cpu":
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    else:
-        torch.backends.cudnn.benchmark = True
-    amp = tc.amp and device.type == "cuda"
-    seed_everything(tc.seed + rank)
-    log = val_log = tb = None
-    try:
-        aug = build_augment(cfg.augment) if cfg.augment.enabled else None
-        kw = {"input": cfg.model.input, "cache": tc.cache}
-        ds = SliceDataset(pre, "train", augment=aug, negatives_ratio=tc.negatives_ratio, seed=tc.seed, **kw)
-        ds.window = window_px(cfg.model, ds)
-        val_ds = None
-        if main_proc and (pre / "annotations" / "val.json").is_file():
-            val_ds = SliceDataset(pre, "val", **kw)
-        elif main_proc:
-            warnings.warn(f"{pre}/annotations/val.json not found: no validation", stacklevel=2)
-        core = build_model(cfg.model, cfg.fe).to(device)
-        if device.type == "cuda" and tc.channels_last:
-            core = core.to(memory_format=torch.channels_last)
-        optimizer, scheduler = build_optimizer(core, tc)
-        ema = build_ema(core, tc.ema)
-        scaler = torch.amp.GradScaler(device.type, enabled=amp)
-        ckpt_path = out / "checkpoint.pt"
-        start, elapsed = 0, 0.0
-        if resume and ckpt_path.is_file():
-            ck = torch.load(ckpt_path, map_location=device, weights_only=True)
-            _resume_check(ck["config"], cfg, ckpt_path)
-            core.load_state_dict(ck["model"])
-            optimizer.load_state_dict(ck["optimizer"])
-            scheduler.load_state_dict(ck["scheduler"])
-            if ema is not None:
-                ema.load_state_dict(ck["ema"])
-            if ck.get("scaler"):
-                scaler.load_state_dict(ck["scaler"])
-            set_rng_state(ck["rng"][min(rank, len(ck["rng"]) - 1)])
-            start, elapsed = int(ck["iteration"]), float(ck.get("elapsed_s", 0.0))
-        elif resume and main_proc:
-            warnings.warn(f"{ckpt_path} not found: starting from iteration 0", stacklevel=2)
-        if main_proc:
-            out.mkdir(parents=True, exist_ok=True)
-            C.dump(cfg, out / "config.yaml")
-        model: nn.Module = core
-        if world > 1:
-            model = nn.parallel.DistributedDataParallel(
-                core, device_ids=[local] if device.type == "cuda" else None
-            )
-        sampler = InfiniteSampler(
-            len(ds), tc.batch_size // world, seed=tc.seed, rank=rank, world_size=world, start_batch=start
-        )
-        gen = torch.Generator().manual_seed(tc.seed)  # keeps DataLoader off the global RNG
-        kw = {
-            "num_workers": tc.workers,
-            "persistent_workers": tc.workers > 0,
-            "pin_memory": device.type == "cuda",
-        }
-        loader = DataLoader(ds, batch_sampler=sampler, collate_fn=collate_fn, generator=gen, **kw)
-        batches = iter(loader)
-        if main_proc:
-            log = CSVLogger(out / "log.csv", LOG_FIELDS, append=start > 0)
-            if tc.val_every >= 0:  # -1: never validated, so no val.csv
-                val_log = CSVLogger(out / "val.csv", VAL_FIELDS, append=start > 0)
-            if tc.tensorboard:
-                try:
-                    from torch.utils.tensorboard import SummaryWriter
-
-                    tb = SummaryWriter(str(out / "tb"))
-                except ImportError:
-                    warnings.warn("tensorboard is not installed: train.tensorboard ignored", stacklevel=2)
-        from tqdm.auto import tqdm
-
-        show = progress and main_proc
-        bar = tqdm(total=tc.iterations, initial=start, disable=not show, desc="train", dynamic_ncols=True)
-        end = tc.iterations if stop_after is None else min(tc.iterations, stop_after)
-        acc = torch.zeros(3, device=device)
-        n_acc, t_win, t0 = 0, time.perf_counter(), time.perf_counter()
-        step_times: list[float] = []
-
-        def checkpoint(it: int) -> None:
-            rng = [None] * world
-            if world > 1:
-                dist.all_gather_object(rng, rng_state())
-            else:
-                rng = [rng_state()]
-            if main_proc:
-                state = {"iteration": it, "model": core.state_dict(), "optimizer": optimizer.state_dict()}
-                state |= {"scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rng}
-                if ema is not None:
-                    state["ema"] = ema.state_dict()
-                state |= {"sampler": {"batch": it, "seed": tc.seed, "world_size": world}}
-                state |= {"elapsed_s": elapsed + time.perf_counter() - t0, "config": cfg.to_dict()}
-                save_torch(state, ckpt_path)
-
-        def run_val(it: int) -> None:
-            if val_ds is not None:
-                tv = time.perf_counter()
-                m = validate_split(core if ema is None else ema.module, val_ds, cfg, device)
-                row = {k: m.get(k) for k in VAL_FIELDS}
-                row.update(iteration=it, seconds=round(time.perf_counter() - tv, 3), n_dets=m.get("n_dets"))
-                val_log.log({k: _csv_value(v) for k, v in row.items()})
-                if tb is not None:
-                    tb.add_scalar("val/ap_voc", m["ap_voc"], it)
-            if world > 1:
-                dist.barrier()
-
-        model.train()
-        for it in range(start, end):
-            core.set_progress(it / tc.iterations)
-            ts = time.perf_counter()
-            images, targets = next(batches)
-            images = [im.to(device, non_blocking=True) for im in images]
-            targets = _to(targets, device)
-            total, bbox, cls = _train_step(model, images, targets, optimizer, scaler, amp, device, tc.grad_clip)
-            scheduler.step()
-            if ema is not None:
-                ema.update_parameters(core)
-            acc += torch.stack([total, bbox, cls]).float()
-            n_acc += 1
-            step_times.append(time.perf_counter() - ts)
-            done = it + 1
-            if (tc.log_every > 0 and done % tc.log_every == 0) or done == end:
-                if world > 1:
-                    dist.all_reduce(acc)
-                    acc /= world
-                vals = (acc / n_acc).tolist()
-                if not math.isfinite(vals[0]):
-                    raise FloatingPointError(f"training loss is {vals[0]} at iteration {done}")
-                now = time.perf_counter()
-                row = dict(zip(LOG_FIELDS[:4], [done, *vals]), lr=optimizer.param_groups[0]["lr"])
-                row["images_per_s"] = round(n_acc * tc.batch_size / max(now - t_win, 1e-9), 3)
-                row["seconds"] = round(elapsed + now - t0, 3)
-                if main_proc:
-                    log.log(row)
-                    if tb is not None:
-                        for k in ("loss", "bbox_loss", "cls_loss", "lr", "images_per_s"):
-                            tb.add_scalar(f"train/{k}", row[k], done)
-                bar.set_postfix(loss=f"{vals[0]:.4f}", lr=f"{row['lr']:.1e}")
-                acc.zero_()
-                n_acc, t_win = 0, now
-            bar.update(1)
-            if tc.checkpoint_every and done % tc.checkpoint_every == 0 and done < end:
-                checkpoint(done)
-            if tc.val_every > 0 and done % tc.val_every == 0 and done < tc.iterations:
-                run_val(done)
-        bar.close()
-        final = end >= tc.iterations
-        if end > start or start == 0:
-            checkpoint(end)
-        if not final:
-            return ckpt_path
-        if tc.val_every >= 0:
-            run_val(tc.iterations)
-        train_s = elapsed + time.perf_counter() - t0
-        if main_proc:
-            save_torch((core if ema is None else ema.module).state_dict(), out / "model.pt")
-            med = statistics.median(step_times) if step_times else None
-            timings = {"train_s": round(train_s, 3), "iterations": tc.iterations, "this_call": end - start}
-            timings |= {"step_s_median": med, "images_per_s": tc.batch_size / med if med else None}
-            timings |= {"batch_size": tc.batch_size, "world_size": world, "device": str(device), "amp": amp}
-            info = {"model": core.describe(), "parameters": sum(p.numel() for p in core.parameters())}
-            info |= {"timings": timings, "config_hash": cfg.hash(), "torch": torch.__version__}
-            atomic_write_json(out / "model.json", info)
-        return out / "model.pt"
-    finally:
-        for closable in (log, val_log, tb):
-            if closable is not None:
-                closable.close()
-        torch.use_deterministic_algorithms(det_before)
-        torch.set_num_threads(threads_before)
-        if world > 1 and dist.is_initialized():
-            dist.destroy_process_group()
+    with training_session(tc) as s:
+        p = build_parts(cfg, out, pre, s, resume=resume)
+        with RunLogs(out, tc, s.main, append=p.start > 0) as logs:
+            clock = Clock(p.elapsed)
+            end = tc.iterations if stop_after is None else min(tc.iterations, stop_after)
+            step_times = train_loop(p, logs, clock, end, progress)
+            if end > p.start or p.start == 0:
+                p.checkpointer.save(p, end, clock.seconds())
+            if end < tc.iterations:
+                return p.checkpointer.path
+            if tc.val_every >= 0:
+                run_validation(p, logs, tc.iterations)
+            if s.main:
+                save_final(p, clock.seconds(), step_times, end)
+    return out / "model.pt"
 
 
 def main(argv: list[str] | None = None) -> int:

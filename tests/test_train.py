@@ -221,3 +221,27 @@ def test_recipe_values_checked_at_load():
     for bad in ("train.schedule=linear", "train.warmup=-1", "train.ema=1.0", "train.grad_clip=-2"):
         with pytest.raises(ConfigError, match="train"):
             C.load(None, [bad])
+
+
+def test_training_session_sets_and_restores_threads_and_determinism(monkeypatch):
+    from cmbfe.train import training_session
+
+    monkeypatch.setenv("CMBFE_THREADS", "1")
+    torch.set_num_threads(2)
+    det = torch.are_deterministic_algorithms_enabled()
+    with pytest.raises(RuntimeError, match="boom"), training_session(C.load("smoke", ["train.device=cpu"]).train) as s:
+        assert torch.get_num_threads() == 1 and torch.are_deterministic_algorithms_enabled()
+        assert (s.rank, s.world, s.main, s.amp, s.device.type) == (0, 1, True, False, "cpu")
+        raise RuntimeError("boom")
+    assert torch.get_num_threads() == 2 and torch.are_deterministic_algorithms_enabled() == det
+
+
+def test_fit_is_a_few_named_parts():
+    import inspect
+
+    from cmbfe import train
+
+    src = inspect.getsource(train.fit)
+    assert src.count("\n") <= 60
+    for part in ("training_session(", "build_parts(", "train_loop(", "checkpointer.save(", "save_final("):
+        assert part in src, part
