@@ -32,7 +32,7 @@ PINNED = [
     ("default", "6f882915081b", {"size": 512, "fe": False, "seed": 1}, {}, "2cd2dbfce1eb"),
     ("default", "6f882915081b", {}, {"fe.enabled": True, "train.iterations": 30, "train.val_every": 0,
                                      "study.secondary": None}, "9096dbe578e0"),
-    ("paper", "614b542ff6b3", {"size": 300, "fe": False, "seed": 0}, {}, "070bee2cfef2"),
+    ("paper", "614b542ff6b3", {"size": 300, "fe": False, "seed": 0}, {"model.pretrained": False}, "070bee2cfef2"),
 ]
 
 
