@@ -20,7 +20,7 @@ LAYERS: dict[str, int] = {
     "volume": 2, "metrics": 2, "stats": 2, "fe": 2, "labels": 2,
     # stages: data, models, readers and writers
     "io": 3, "synth": 3, "augment": 3, "preprocess": 3, "models": 3, "data": 3, "evaluate": 3, "tables": 3,
-    "viz": 3,
+    "viz": 3, "curves": 3,
     # training and inference
     "predict": 4, "train": 4, "detect": 4, "detect_report": 4,
     # the study the notebooks run
