@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 
 from cmbfe import config
+from cmbfe.boxes import xyxy_to_xywh
 from cmbfe.config import Config, PreprocessConfig
 from cmbfe.errors import InputError
 from cmbfe.io import _read_csv, find_valdo_pairs, load_patient, read_centroids, read_dicom_series, read_valdo
@@ -324,10 +325,10 @@ def _coco(res: list[dict], split_of: dict[str, str], pcfg: PreprocessConfig) -> 
     for s, ims in chosen.items():
         ims, anns = sorted(ims, key=lambda im: im["id"]), []
         for im in ims:
-            for lid, (x0, y0, x1, y1) in boxes.get((im["patient_id"], im["slice_index"]), []):
-                w, h = x1 - x0, y1 - y0
+            for lid, box in boxes.get((im["patient_id"], im["slice_index"]), []):
+                x, y, w, h = xyxy_to_xywh([box])[0].tolist()
                 anns.append({"id": ann_id, "image_id": im["id"], "category_id": 1, "iscrowd": 0,
-                             "bbox": [round(x0, 4), round(y0, 4), round(w, 4), round(h, 4)],
+                             "bbox": [round(x, 4), round(y, 4), round(w, 4), round(h, 4)],
                              "area": round(w * h, 4), "lesion_id": int(lid)})
                 ann_id += 1
         out[s] = {"info": {"description": f"cmbfe preprocess, split {s}", "version": "1"}, "images": ims,
