@@ -229,11 +229,13 @@ def recorded_warnings(sink: list[str]) -> Iterator[None]:
                     sink.append(msg)
 
 
-def _paper_model(backbone: str, size: int, width: float, fe: bool = False, placement: str = "post_l2norm"):
-    """The ``paper`` profile's model with ``backbone``/``size``/``width`` (and FE on/off) changed; + that config."""
+def _paper_model(backbone: str, size: int, width: float, fe: bool = False, placement: str | None = None):
+    """The ``paper`` profile's model with ``backbone``/``size``/``width`` (and FE on/off) changed; + that config.
+    Random weights (``pretrained`` off: timings do not depend on them, and the GPU machine may be offline)."""
     pc = C.load("paper")
-    mc = dataclasses.replace(pc.model, backbone=backbone, size=size, width=width)
-    return build_model(mc, dataclasses.replace(pc.fe, enabled=fe, placement=placement)), pc
+    mc = dataclasses.replace(pc.model, backbone=backbone, size=size, width=width, pretrained=False)
+    fc = dataclasses.replace(pc.fe, enabled=fe, placement=placement or pc.fe.placement)
+    return build_model(mc, fc), pc
 
 
 def _batch(n: int, size: int, device: torch.device, seed: int = 0):
@@ -497,7 +499,7 @@ def section_ddp(ctx: dict[str, Any]) -> dict[str, Any]:
     its = s["ddp_iterations"]
     sets = [f"train.iterations={its}", f"train.batch_size={s['ddp_batch']}", f"train.workers={s['ddp_workers']}",
             "train.val_every=-1", f"train.checkpoint_every={its}", f"train.log_every={max(1, its // 6)}",
-            f"model.size={s['pre_size']}", f"model.width={s['width']}"]  # fmt: skip
+            f"model.size={s['pre_size']}", f"model.width={s['width']}", "model.pretrained=false"]  # fmt: skip
     nproc = ctx["ddp_nproc"] or s["ddp_nproc"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "cmbfe.cli", "train", "--params", "paper", "--data", str(pre), "--out", str(run), "--no-progress"]

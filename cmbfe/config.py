@@ -39,6 +39,7 @@ Backbone = Literal["vgg16", "resnet34", "mobilenet_v3"]
 Priors = Literal["paper", "cmb"]
 InputKind = Literal["gray3", "2.5d"]
 ImageFormat = Literal["png", "jpg"]
+LabelModel = Literal["annotator", "geometric"]
 FESchedule = Literal["constant", "cosine"]
 FEPlacement = Literal["post_l2norm", "pre_l2norm"]
 FEVariant = Literal["fe", "ae"]
@@ -84,6 +85,9 @@ class PreprocessConfig:
     n4_shrink: int = 4  # ANTsPy default; 2 costs ~9x the time (61 s vs 7 s per 256x256x63 volume, 2 cores)
     clip_percentiles: tuple[float, float] = (0.5, 99.5)
     image_format: ImageFormat = "png"  # png (lossless) or jpg (as the paper)
+    # annotator: boxes where the rendered focus is visible, enclosing it, sides >= 2 mm (cmbfe.labels);
+    # geometric: the sphere's cross-section on every slice it crosses
+    labels: LabelModel = "annotator"
     split_ratios: dict[str, float] = field(default_factory=lambda: {"train": 33, "val": 8, "test": 17})
     split_seed: int = 0
     test_negatives_ratio: float = 1.0  # mimic-only slices added to test per CMB slice (paper: 1.0)
@@ -119,7 +123,9 @@ class FEConfig:
     beta: float = 1.5
     alpha: float = 1.0
     schedule: FESchedule = "constant"  # constant (paper) | cosine (decay 1 -> 0 over training)
-    placement: FEPlacement = "post_l2norm"  # post_l2norm (head sees FE) | pre_l2norm (inline, paper-literal)
+    # pre_l2norm (R1, paper-literal: inline on the trunk before the conv4_3 L2Norm) | post_l2norm (R2: the head
+    # sees FE, a train-only magnitude cue that leaks the label; an ablation arm). README, "Feature enhancement"
+    placement: FEPlacement = "pre_l2norm"
     variant: FEVariant = "fe"  # fe (paper) | ae (assisted excitation)
 
 

@@ -53,7 +53,7 @@ def plateau(curve: pd.DataFrame, window: float = PLATEAU_WINDOW, tol: float = PL
     rng = float(ap.max() - ap.min()) if len(ap) else None
     return {"final_ap": float(curve["ap_voc"].iloc[-1]), "window_start_ap": float(ap.iloc[0]) if len(ap) else None,
             "window_range": rng, "change": float(ap.iloc[-1] - ap.iloc[0]) if len(ap) else None,
-            "checks": int(len(ap)), "at_plateau": bool(len(ap) >= 2 and rng is not None and rng < tol)}
+            "checks": len(ap), "at_plateau": bool(len(ap) >= 2 and rng is not None and rng < tol)}
 
 
 def plateau_table(runs: Mapping[str, Path | str], window: float = PLATEAU_WINDOW,

@@ -26,14 +26,16 @@ annotation. Boxes are ``xyxy`` in continuous pixel coordinates (pixel ``(j, i)``
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import get_args
 
 import numpy as np
 from scipy import ndimage
 
+from cmbfe.config import LabelModel
 from cmbfe.volume import Lesion, slice_boxes
 
 Box = tuple[float, float, float, float]
-LABEL_MODELS = ("annotator", "geometric")
+LABEL_MODELS: tuple[str, ...] = get_args(LabelModel)
 SMOOTH_PX = 0.7  # Gaussian sigma (px) applied before measuring, so that one noisy pixel is not a focus
 
 
@@ -41,7 +43,7 @@ SMOOTH_PX = 0.7  # Gaussian sigma (px) applied before measuring, so that one noi
 class AnnotatorRule:
     """Thresholds of the annotator label model (see the module docstring); lengths in mm."""
 
-    min_contrast: float = 0.15  # signal drop relative to the local background
+    min_contrast: float = 0.3  # signal drop relative to the local background (0.2 marks faint smears)
     min_snr: float = 3.0  # signal drop relative to the background's robust noise
     min_side_mm: float = 2.0
     extra_slices: int = 1  # slices beyond the geometric extent that are also examined
@@ -109,7 +111,7 @@ def annotator_boxes(
     reach = int(np.ceil(r_mm / dz)) + rule.extra_slices
     side_x, side_y = rule.min_side_mm / dx, rule.min_side_mm / dy
     out: dict[int, Box] = {}
-    for k in range(max(0, int(round(ck)) - reach), min(nz - 1, int(round(ck)) + reach) + 1):
+    for k in range(max(0, round(ck) - reach), min(nz - 1, round(ck) + reach) + 1):
         m = slice_signal(data[k], (ci, cj), radius_px)
         if not np.isfinite(m["depth"]) or m["depth"] < rule.min_contrast * m["background"] or \
                 m["depth"] < rule.min_snr * max(m["noise"], 1.0):

@@ -80,14 +80,20 @@ def pretrained_path(backbone: str) -> Path:
 
 
 def _imagenet_state(backbone: str) -> dict[str, Tensor]:
-    """ImageNet state dict from the local torch hub cache only (never downloads)."""
+    """ImageNet state dict as torchvision gets it: from the torch hub cache (:func:`pretrained_path`), else
+    downloaded there by torchvision. Without network access and without the cached file this is a
+    ``FileNotFoundError`` naming the cache path (offline machines copy the file there)."""
     path = pretrained_path(backbone)
-    if not path.is_file():
+    if path.is_file():
+        return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        return _PRETRAINED[backbone].get_state_dict(progress=False, check_hash=True)
+    except (OSError, RuntimeError) as e:  # URLError is an OSError; a truncated download a RuntimeError
         raise FileNotFoundError(
-            f"model.pretrained=true: ImageNet weights for {backbone} not found at {path} "
-            f"(cmbfe never downloads; copy {_PRETRAINED[backbone].url} there, or set model.pretrained=false)"
-        )
-    return torch.load(path, map_location="cpu", weights_only=True)
+            f"model.pretrained=true: ImageNet weights for {backbone} are not at {path} and could not be "
+            f"downloaded ({type(e).__name__}: {e}); copy {_PRETRAINED[backbone].url} there, or set "
+            "model.pretrained=false"
+        ) from None
 
 
 class SSDBackbone(nn.Module):

@@ -31,9 +31,10 @@ from cmbfe.boxes import xyxy_to_xywh
 from cmbfe.config import Config, PreprocessConfig
 from cmbfe.errors import InputError
 from cmbfe.io import _read_csv, find_valdo_pairs, load_patient, read_centroids, read_dicom_series, read_valdo
+from cmbfe.labels import lesion_boxes
 from cmbfe.runtime import package_versions
 from cmbfe.utils import atomic_path, atomic_write_json
-from cmbfe.volume import Volume, volume_slice_boxes
+from cmbfe.volume import Volume
 
 SPLITS = ("train", "val", "test")
 LESION_COLUMNS = ["lesion_id", "patient_id", "kind", "location", "i", "j", "k", "x_mm", "y_mm", "z_mm",
@@ -248,8 +249,10 @@ def _process_patient(job: dict[str, Any], pcfg: PreprocessConfig, images_dir: st
     return {
         "patient_id": pid, "shape": list(vol.shape), "spacing_mm": list(vol.spacing_mm),
         "brain": (mask.mean(axis=(1, 2)) >= pcfg.brain_min_fraction).tolist(),
-        "cmb_boxes": volume_slice_boxes(vol, "cmb"),
-        "mimic_boxes": {k: [(i, kinds[i], b) for i, b in v] for k, v in volume_slice_boxes(vol, "*").items()},
+        "cmb_boxes": lesion_boxes(u8, vol.lesions, vol.spacing_mm, pcfg.labels),
+        "cmb_boxes_geometric": lesion_boxes(u8, vol.lesions, vol.spacing_mm, "geometric"),
+        "mimic_boxes": {k: [(i, kinds[i], b) for i, b in v]
+                        for k, v in lesion_boxes(u8, vol.mimics, vol.spacing_mm, pcfg.labels).items()},
         "lesions": _object_rows(vol.lesions, vol, pid, raw_les, "lesion_id"),
         "mimics": _object_rows(vol.mimics, vol, pid, raw_mim, "mimic_id"),
         "seconds": {"read": round(t1 - t0, 3), "n4": round(t2 - t1, 3), "write": round(t3 - t2, 3),
@@ -320,20 +323,31 @@ def _coco(res: list[dict], split_of: dict[str, str], pcfg: PreprocessConfig) -> 
         rng = np.random.default_rng([pcfg.split_seed, SPLITS.index(s)])
         pick = rng.choice(len(cand), size=min(want, len(cand)), replace=False).tolist() if cand else []
         chosen[s] = pos + [cand[i] for i in sorted(pick)]
-    boxes = {(r["patient_id"], k): v for r in res for k, v in r["cmb_boxes"].items()}
     out, ann_id = {}, 1
+    boxes = {(r["patient_id"], k): v for r in res for k, v in r["cmb_boxes"].items()}
     for s, ims in chosen.items():
-        ims, anns = sorted(ims, key=lambda im: im["id"]), []
-        for im in ims:
-            for lid, box in boxes.get((im["patient_id"], im["slice_index"]), []):
-                x, y, w, h = xyxy_to_xywh([box])[0].tolist()
-                anns.append({"id": ann_id, "image_id": im["id"], "category_id": 1, "iscrowd": 0,
-                             "bbox": [round(x, 4), round(y, 4), round(w, 4), round(h, 4)],
-                             "area": round(w * h, 4), "lesion_id": int(lid)})
-                ann_id += 1
-        out[s] = {"info": {"description": f"cmbfe preprocess, split {s}", "version": "1"}, "images": ims,
-                  "annotations": anns, "categories": [{"id": 1, "name": "cmb", "supercategory": "lesion"}]}
+        ims = sorted(ims, key=lambda im: im["id"])
+        out[s], ann_id = _coco_split(s, ims, boxes, ann_id)
+    if split_of and pcfg.labels != "geometric":  # the same images with the geometric boxes, for comparison
+        geo = {(r["patient_id"], k): v for r in res for k, v in r["cmb_boxes_geometric"].items()}
+        for s in ("val", "test"):
+            out[f"{s}_geometric"], _ = _coco_split(f"{s} (geometric boxes)", out[s]["images"], geo, 1)
     return out, notes
+
+
+def _coco_split(name: str, ims: list[dict], boxes: dict, ann_id: int) -> tuple[dict, int]:
+    """One COCO dict: ``ims`` with their boxes (``{(patient, slice): [(lesion_id, xyxy)]}``, written as
+    COCO ``xywh``); annotation ids from ``ann_id``. Returns the dict and the next free id."""
+    anns = []
+    for im in ims:
+        for lid, box in boxes.get((im["patient_id"], im["slice_index"]), []):
+            x, y, w, h = xyxy_to_xywh([box])[0].tolist()
+            anns.append({"id": ann_id, "image_id": im["id"], "category_id": 1, "iscrowd": 0,
+                         "bbox": [round(x, 4), round(y, 4), round(w, 4), round(h, 4)],
+                         "area": round(w * h, 4), "lesion_id": int(lid)})
+            ann_id += 1
+    return {"info": {"description": f"cmbfe preprocess, split {name}", "version": "1"}, "images": ims,
+            "annotations": anns, "categories": [{"id": 1, "name": "cmb", "supercategory": "lesion"}]}, ann_id
 
 
 def _write_tables(tmp: Path, res: list[dict], split_of: dict[str, str]) -> None:

@@ -47,10 +47,50 @@ def table1(pre_dir: str | Path) -> pd.DataFrame:
                      "CMB slices (this run)": len({a["image_id"] for a in anns}),
                      f"CMB slices ({label})": paper.TABLE1[s][1],
                      "CMBs (this run)": len(anns), f"CMBs ({label})": paper.TABLE1[s][2],
-                     "3D CMBs (this run)": len({(pid_of[a["image_id"]], a["lesion_id"]) for a in anns})})
+                     "3D CMBs (this run)": len({(pid_of[a["image_id"]], a["lesion_id"]) for a in anns}),
+                     **_size_columns(box_sides_mm(coco))})
     df = pd.DataFrame(rows)
     total = {c: (df[c].sum() if c != "split" else "total") for c in df.columns}
+    allc = [json.loads((pre / "annotations" / f"{s}.json").read_text()) for s in SPLITS]
+    total |= _size_columns(np.concatenate([box_sides_mm(c) for c in allc]))
     return pd.concat([df, pd.DataFrame([total])], ignore_index=True)
+
+
+def box_sides_mm(coco: dict[str, Any]) -> np.ndarray:
+    """Longer side (mm) of every annotation of a COCO dict (``bbox`` xywh in px x the image's
+    ``pixel_spacing_mm`` [dy, dx]; 1 mm per px where an image has none)."""
+    sp = {im["id"]: im.get("pixel_spacing_mm", [1.0, 1.0]) for im in coco["images"]}
+    return np.array([max(a["bbox"][2] * sp[a["image_id"]][1], a["bbox"][3] * sp[a["image_id"]][0])
+                     for a in coco["annotations"]], dtype=float)
+
+
+def _size_columns(sides: np.ndarray) -> dict[str, Any]:
+    """Box-size distribution columns of Table 1 (this run only: the paper gives none)."""
+    if not len(sides):
+        return {"box side mm, median [IQR] (this run)": "", "boxes < 2 mm (this run)": 0}
+    q1, q2, q3 = np.percentile(sides, [25, 50, 75])
+    return {"box side mm, median [IQR] (this run)": f"{q2:.1f} [{q1:.1f}, {q3:.1f}]",
+            "boxes < 2 mm (this run)": int((sides < 2.0 - 1e-6).sum())}
+
+
+def box_size_table(pre_dir: str | Path) -> pd.DataFrame:
+    """Distribution of the CMB box side (longer side, mm) per split under this PRE's label model, and under
+    the geometric model where ``PRE/annotations/<split>_geometric.json`` exists (same images)."""
+    pre = Path(pre_dir)
+    bins = [0.0, 2.0, 3.0, 5.0, 10.0, np.inf]
+    names = ["< 2 mm", "2-3 mm", "3-5 mm", "5-10 mm", ">= 10 mm"]
+    rows = []
+    for s in SPLITS:
+        for label, path in (("as labelled", pre / "annotations" / f"{s}.json"),
+                            ("geometric", pre / "annotations" / f"{s}_geometric.json")):
+            if not path.is_file():
+                continue
+            sides = box_sides_mm(json.loads(path.read_text()))
+            counts = np.histogram(sides, bins=bins)[0] if len(sides) else np.zeros(len(names), int)
+            rows.append({"split": s, "labels": label, "boxes": len(sides),
+                         "median side mm": float(np.median(sides)) if len(sides) else np.nan,
+                         **{n: int(c) for n, c in zip(names, counts)}})
+    return pd.DataFrame(rows)
 
 
 def evaluate_run(cfg: Config, run_dir: Path, pre: Path, *, split: str = "test",

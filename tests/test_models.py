@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+import urllib.error
 
 import pytest
 import torch
 import torch.nn.functional as F
+import torchvision.models._api
 from torchvision.models import mobilenet_v3_large, resnet34, vgg
 
 from cmbfe.config import FEConfig, ModelConfig
@@ -244,15 +246,33 @@ def test_invalid_configs():
 def test_pretrained_without_cache_is_a_clear_error(backbone, tmp_path, monkeypatch):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
 
-    def no_network(*a, **k):
-        raise AssertionError("network access attempted")
+    def no_network(*a, **k):  # what urllib raises on a machine without network access
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
 
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_network)
+    monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", no_network)
     monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
     with pytest.raises(FileNotFoundError) as err:
         build_model(ModelConfig(backbone=backbone, size=128, width=1.0, pretrained=True), FEConfig())
     assert str(tmp_path / "checkpoints") in str(err.value)
-    assert str(pretrained_path(backbone)) in str(err.value)
+    assert str(pretrained_path(backbone)) in str(err.value) and "could not be downloaded" in str(err.value)
+
+
+def test_pretrained_is_fetched_by_torchvision_when_not_cached(tmp_path, monkeypatch):
+    """With network access torchvision downloads the weights into the hub cache, as it normally does."""
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    trunk = vgg.make_layers(vgg.cfgs["D"])
+    calls = []
+
+    def fake_fetch(url, *a, **k):
+        calls.append(url)
+        return {f"features.{k}": v for k, v in trunk.state_dict().items()}
+
+    monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", fake_fetch)
+    m = build_model(ModelConfig(backbone="vgg16", size=128, width=1.0, pretrained=True), FEConfig())
+    assert calls and calls[0].endswith(pretrained_path("vgg16").name)
+    first = next(p for n, p in m.backbone.named_parameters() if p.dim() == 4)
+    torch.testing.assert_close(first, trunk[0].weight)
 
 
 @pytest.mark.parametrize("backbone", ["vgg16", "resnet34", "mobilenet_v3"])

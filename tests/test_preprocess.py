@@ -24,7 +24,7 @@ from cmbfe.preprocess import (
     preprocess_cohort,
     split_patients,
 )
-from cmbfe.report import table1
+from cmbfe.report import box_size_table, table1
 from cmbfe.tables import write_table
 from cmbfe.volume import Lesion, Volume
 
@@ -144,7 +144,8 @@ def test_split_58_patients_exact_and_stratified():
 def test_layout_and_images(pre, raw):
     assert sorted(p.name for p in pre.iterdir()) == ["annotations", "images", "lesions.csv", "mimics.csv",
                                                      "preprocess.json", "slice_objects.csv", "splits.csv"]
-    assert sorted(p.name for p in (pre / "annotations").iterdir()) == ["test.json", "train.json", "val.json"]
+    assert sorted(p.name for p in (pre / "annotations").iterdir()) == [
+        "test.json", "test_geometric.json", "train.json", "val.json", "val_geometric.json"]  # + geometric boxes
     for pid in ("SYN-0001", "SYN-0006"):
         files = sorted((pre / "images" / pid).iterdir())
         assert [f.name for f in files] == [f"z{k:04d}.png" for k in range(NZ)]
@@ -205,6 +206,14 @@ def test_table1(pre, tmp_path):
     assert "patients (this run)" in t.columns and "CMBs (paper, private data)" in t.columns
     assert t.set_index("split").loc["total", "patients (this run)"] == 6
     assert t.set_index("split").loc["train", "CMBs (paper, private data)"] == 845
+    total = t.set_index("split").loc["total"]
+    assert total["boxes < 2 mm (this run)"] == 0  # annotator labels: no side below 2 mm
+    assert total["box side mm, median [IQR] (this run)"].count("[") == 1
+    sizes = box_size_table(pre)
+    assert {"as labelled", "geometric"} == set(sizes["labels"]) and set(sizes["split"]) == {"train", "val", "test"}
+    lab = sizes[sizes["labels"] == "as labelled"]
+    assert (lab["< 2 mm"] == 0).all() and (lab[["< 2 mm", "2-3 mm", "3-5 mm", "5-10 mm", ">= 10 mm"]].sum(axis=1)
+                                            == lab["boxes"]).all()
     path = write_table(t, "table1_split", tmp_path, caption="Table 1")
     assert path.read_text().startswith("split,")
     assert (tmp_path / "table1_split.md").read_text().startswith("Table 1")
@@ -350,3 +359,15 @@ def test_cli_bad_input_leaves_nothing(raw, tmp_path):
     (bad / "SYN-0004" / "lesions.csv").unlink()
     with pytest.raises(InputError, match="lesions.csv missing for SYN-0004"):
         preprocess_cohort(bad, out, tiny_cfg(), progress=False)
+
+
+def test_geometric_label_option_keeps_sphere_cross_sections(raw, tmp_path):
+    out = tmp_path / "PRE_geo"
+    preprocess_cohort(raw, out, tiny_cfg(labels="geometric"), progress=False)
+    assert sorted(p.name for p in (out / "annotations").iterdir()) == ["test.json", "train.json", "val.json"]
+    les = pd.read_csv(out / "lesions.csv").set_index(["patient_id", "lesion_id"])["diameter_mm"]
+    for s in SPLITS:
+        coco = json.loads((out / "annotations" / f"{s}.json").read_text())
+        pid = {im["id"]: im["patient_id"] for im in coco["images"]}
+        for a in coco["annotations"]:  # spheres centred on a slice: the box is the full diameter there
+            assert a["bbox"][2] == pytest.approx(les[(pid[a["image_id"]], a["lesion_id"])] / 0.9, abs=1e-3)

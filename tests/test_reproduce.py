@@ -70,7 +70,7 @@ def test_run_keys_separate_configurations():
     a = study.grid_config(cfg, fe=False, seed=0)
     b = study.grid_config(cfg, fe=True, seed=0)
     assert study.run_key(a) != study.run_key(b)
-    assert study.run_tag(b).endswith("fe-post_l2norm-constant-s0")
+    assert study.run_tag(b).endswith("fe-pre_l2norm-constant-s0")
     assert study.data_key(a) == study.data_key(b)
     assert study.run_key(study.with_overrides(a, {"train.log_every": 1})) == study.run_key(a)
 

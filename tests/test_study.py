@@ -67,7 +67,7 @@ def test_grids_and_tags():
     assert grid[0] == {"size": 512, "fe": False, "seed": 0}
     c = study.grid_config(cfg, size=256, fe=True, seed=2, overrides={"model.priors": "paper", "model.train_crop": 0})
     assert (c.model.size, c.fe.enabled, c.train.seed, c.model.priors) == (256, True, 2, "paper")
-    assert study.run_tag(c) == "vgg16-256-paper-gray3-fe-post_l2norm-constant-s2"
+    assert study.run_tag(c) == "vgg16-256-paper-gray3-fe-pre_l2norm-constant-s2"
     assert study.grid_config(cfg) is cfg  # nothing to apply
     with pytest.raises(config.ConfigError, match="model.size"):
         study.grid_config(cfg, size=64)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 
 import pytest
@@ -191,7 +192,7 @@ def test_lr_factor_warmup_cosine_and_step():
     f = [lr_factor(i, tc) for i in range(101)]
     assert f[0] == pytest.approx(0.01) and f[5] == pytest.approx(0.01 + 0.99 * 0.5)
     assert f[10] == pytest.approx(1.0) and f[100] == pytest.approx(0.0, abs=1e-12)
-    assert all(a >= b for a, b in zip(f[10:], f[11:]))  # monotone decay after the warm-up
+    assert all(a >= b for a, b in itertools.pairwise(f[10:]))  # monotone decay after the warm-up
     step = C.TrainConfig(iterations=12, lr_steps=(2 / 3, 5 / 6), lr_gamma=0.1)
     assert [lr_factor(i, step) for i in (7, 8, 10)] == pytest.approx([1.0, 0.1, 0.01])
 
