@@ -9,7 +9,7 @@ PROFILE ?= default
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.cmbfe-installed
 
-.PHONY: install reproduce test test-fast lint clean-smoke gpu-check
+.PHONY: install reproduce test test-fast lint clean-smoke gpu-check lab
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,15 @@ test-fast: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check cmbfe tests benchmarks
+
+# JupyterLab on the notebooks with the project's kernel (the venv's python3): installs the `lab` extra once.
+LAB_STAMP := $(VENV)/.cmbfe-lab
+$(LAB_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e ".[dev,lab]"
+	@touch $(LAB_STAMP)
+
+lab: $(LAB_STAMP)
+	$(VENV)/bin/jupyter lab --notebook-dir=notebooks
 
 # GPU readiness check (issue #13): one command on a CUDA machine, <= 8 min, writes results/gpu/check.{json,md}.
 # Its CPU dry run (benchmarks/gpu_check.py --dry-run) is part of `make test` (tests/test_gpu_check.py).

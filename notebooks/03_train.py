@@ -34,9 +34,10 @@ extra = {k: v for k, v in {"model.backbone": backbone, "model.priors": priors, "
 cfg = study.grid_config(base, size=size, fe=fe, seed=seed, overrides=extra)
 pre = study.ensure_data(cfg)
 run = study.ensure_run(cfg)
-# test-set detections are computed here (cached in the run folder), so that side-by-side executions of this
-# notebook share the inference cost; 05_evaluate reads them
+# test- and validation-set detections are computed here (cached in the run folder), so that side-by-side
+# executions of this notebook share the inference cost; 05_evaluate reads them (val: choosing the shipped model)
 study.ensure_predictions(run, pre, "test")
+study.ensure_predictions(run, pre, "val")
 print("run:", run.relative_to(config.REPO_ROOT))
 print(json.dumps(json.loads((run / "model.json").read_text()), indent=1)[:1500])
 

@@ -95,3 +95,17 @@ study.save_table(mim, cfg, "fp_mimic_attribution",
                  caption="False positives by the mimic they overlap, at the 90 % sensitivity operating point "
                          "(or over all detections where a seed never reaches it: see the column)")
 mim
+
+# %% [markdown]
+# ## The shipped model of `cmbfe detect`
+#
+# The best seed of the largest size by validation AP (SSD-FE only if it beats every SSD) is exported with
+# its operating threshold (the highest reaching 90 % **3D lesion** sensitivity on the validation split,
+# centre rule), its test-split metrics and its model card: to `models/` for the default profile (committed),
+# to `runs/<profile>/model` otherwise. Notebook 09 runs it on a held-out patient.
+
+# %%
+from cmbfe import detect_model
+
+shipped = detect_model.ship_model(cfg, pre)
+print((shipped / "README.md").read_text())
