@@ -24,16 +24,8 @@ from torch import nn
 from cmbfe import cli
 from cmbfe import config as C
 from cmbfe import metrics as M
-from cmbfe.detect import (
-    CSV_COLUMNS,
-    FLIP,
-    OUTPUTS,
-    Detector,
-    find_scans,
-    load_detector,
-    merge_lesions,
-    run_detect,
-)
+from cmbfe.detect import Detector, load_detector, merge_lesions, run_detect
+from cmbfe.detect_io import CSV_COLUMNS, FLIP, OUTPUTS, find_scans
 from cmbfe.detect_model import compare_with_truth, export_model, lesion_threshold
 from cmbfe.io import write_dicom_series
 from cmbfe.models import build_model

@@ -22,7 +22,7 @@ LAYERS: dict[str, int] = {
     "io": 3, "synth": 3, "augment": 3, "preprocess": 3, "models": 3, "data": 3, "evaluate": 3, "tables": 3,
     "viz": 3, "curves": 3,
     # training and inference
-    "predict": 4, "train": 4, "detect": 4, "detect_report": 4,
+    "predict": 4, "train": 4, "detect": 4, "detect_io": 4, "detect_report": 4,
     # the study the notebooks run
     "study": 5, "report": 5, "experiments": 5, "detect_model": 5,
     # commands
