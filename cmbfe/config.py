@@ -192,12 +192,13 @@ class StudyConfig:
 
     seeds: tuple[int, ...] = (0, 1, 2)
     sizes: tuple[int, ...] = (300, 512)
-    folds: int = 10
+    folds: int = 10  # 0: no cross-validation in this profile (profile `extended` runs it)
     cv_iterations: int = 0  # 0: same as train.iterations
     timing_backbones: tuple[str, ...] = ("vgg16:512", "mobilenet_v3:320", "resnet34:300")
     timing_batch: int = 8
     timing_repeats: int = 5
     timing_iterations: int = 0  # 0: same as train.iterations (Table 3 precision columns)
+    timing_precision: bool = True  # false: Table 3 times the steps only, trains no model (profile `extended` does)
     ablations: tuple[Ablation, ...] = ("placement", "schedule", "variant", "priors", "input")
     ablation_iterations: int = 0  # 0: same as train.iterations
     ablation_seeds: int = 1  # how many of ``seeds`` each ablation setting is trained with
@@ -391,7 +392,7 @@ def _rules(cfg: Config) -> list[tuple[bool, str, str, Any]]:
         (0 < ev.ci < 1, "eval.ci", "in (0, 1)", ev.ci),
         (len(st.seeds) >= 1, "study.seeds", "at least one seed", st.seeds),
         (all(s >= 128 for s in st.sizes), "study.sizes", "each >= 128", st.sizes),
-        (st.folds >= 2, "study.folds", ">= 2", st.folds),
+        (st.folds == 0 or st.folds >= 2, "study.folds", "0 (none) or >= 2", st.folds),
         (st.jobs >= 1, "study.jobs", ">= 1", st.jobs),
         (st.ablation_seeds >= 1, "study.ablation_seeds", ">= 1", st.ablation_seeds),
         (min(st.timing_batch, st.timing_repeats) >= 1, "study.timing_batch/timing_repeats", ">= 1",

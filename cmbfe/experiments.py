@@ -74,9 +74,12 @@ def _fold_dirs(cfg: Config, pre: Path) -> list[Path]:
 
 
 def cross_validate(cfg: Config, pre: Path) -> pd.DataFrame:
-    """k-fold patient-level CV (``study.folds``), SSD vs SSD-FE, first seed, ``study.cv_iterations``."""
+    """k-fold patient-level CV (``study.folds``), SSD vs SSD-FE, first seed, ``study.cv_iterations``.
+    An empty frame when the profile runs no CV (``study.folds: 0``)."""
     its = cfg.study.cv_iterations or cfg.train.iterations
-    rows = []
+    rows: list[dict[str, Any]] = []
+    if not cfg.study.folds:
+        return pd.DataFrame(rows)
     for f, d in enumerate(_fold_dirs(cfg, pre)):
         row: dict[str, Any] = {"fold": f}
         for fe in (False, True):
@@ -118,7 +121,7 @@ def _paper_table3_key(backbone: str) -> str:
 
 def table3(cfg: Config, pre: Path) -> pd.DataFrame:
     """Table 3: per ``study.timing_backbones`` entry (``backbone:size``), precision at 90 % recall
-    without/with FE (trained ``study.timing_iterations``) and training seconds per batch of
+    without/with FE (trained ``study.timing_iterations``; only with ``study.timing_precision``) and training seconds per batch of
     ``study.timing_batch`` (median over ``study.timing_repeats`` interleaved steps, same weights)."""
     its = cfg.study.timing_iterations or cfg.train.iterations
     device = resolve_device(cfg.train.device)
@@ -130,7 +133,7 @@ def table3(cfg: Config, pre: Path) -> pd.DataFrame:
         base = with_overrides(cfg, {**cfg.study.secondary, "model.backbone": backbone, "model.size": int(size),
                                     "train.iterations": its, "train.val_every": 0})
         row: dict[str, Any] = {"backbone": backbone, "input": f"{size}x{size}"}
-        for fe in (False, True):
+        for fe in (False, True) if cfg.study.timing_precision else ():
             c = with_overrides(base, {"fe.enabled": fe})
             r = evaluate_run(c, study.ensure_run(c), pre, bootstrap=0)
             row[f"precision@90% {'SSD-FE' if fe else 'SSD'} {RUN}"] = r["metrics"]["precision_at_sensitivity_0.9"]

@@ -16,9 +16,9 @@ import numpy as np
 import pandas as pd
 import torch
 
+from cmbfe import curves, paper, stats, study, viz
 from cmbfe import evaluate as E
 from cmbfe import metrics as M
-from cmbfe import paper, stats, study, viz
 from cmbfe.config import Config, load
 from cmbfe.data import SliceDataset, read_png
 from cmbfe.errors import InputError
@@ -280,6 +280,45 @@ def size_table(cfg: Config, ev: dict) -> pd.DataFrame:
                         float(np.mean(v)) if np.isfinite(v).all() else np.nan)
                 rows.append(row)
     return pd.DataFrame(rows)
+
+
+def label_model_table(cfg: Config, ev: dict, pre: Path) -> pd.DataFrame:
+    """AP of every model (mean over seeds; IoU rule and centre rule) against the test split's boxes as
+    labelled (``preprocess.labels``) and against the geometric boxes of the same images
+    (``PRE/annotations/test_geometric.json``, written when the labels are not geometric). Same detections."""
+    geo_path = Path(pre) / "annotations" / "test_geometric.json"
+    geo = None
+    if geo_path.is_file():
+        coco = json.loads(geo_path.read_text())
+        geo = E.gt_from_coco(coco, str(geo_path))
+    rows = []
+    for size in cfg.study.sizes:
+        for fe in (False, True):
+            runs = [ev[(size, fe, s)] for s in cfg.study.seeds]
+            row: dict[str, Any] = {"model": _name(size, fe), "seeds": len(runs)}
+            for labels, gt in ((cfg.preprocess.labels, None), ("geometric", geo)):
+                if labels == "geometric" and gt is None and cfg.preprocess.labels != "geometric":
+                    continue
+                for rule in ("iou", "centre"):
+                    aps = []
+                    for r in runs:
+                        g = r["gt"] if gt is None else gt
+                        d = r["dets"] if gt is None else E.dets_from_coco(
+                            study.ensure_predictions(r["run"], pre, "test"), g)
+                        m = E.evaluate(g, d, match=rule, iou=cfg.eval.iou, radius_mm=cfg.eval.radius_mm)
+                        aps.append(m["metrics"]["ap_voc"])
+                    rule_txt = f"IoU >= {cfg.eval.iou:g}" if rule == "iou" else f"centre <= {cfg.eval.radius_mm:g} mm"
+                    row[f"AP, {labels} boxes, {rule_txt} {RUN}"] = float(np.mean(aps))
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def learning_curves(cfg: Config, ev: dict) -> tuple[Any, pd.DataFrame]:
+    """Validation AP curves of every main run in one figure, and the plateau criterion per run
+    (:mod:`cmbfe.curves`: val AP range < 0.02 over the last 20 % of training)."""
+    runs = {f"{_name(size, fe)} seed {seed}": r["run"] for (size, fe, seed), r in sorted(ev.items())}
+    fig = curves.plot_learning_curves(runs, title="validation AP during training (every run of Table 2)")
+    return fig, curves.plateau_table(runs)
 
 
 def box_scale_table(cfg: Config, ev: dict, min_side_px: float = 5.0) -> pd.DataFrame:

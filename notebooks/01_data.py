@@ -1,3 +1,18 @@
+# ---
+# jupyter:
+#   jupytext:
+#     cell_metadata_filter: tags,-all
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
 # %% [markdown]
 # # 01 — Data: the synthetic SWI cohort, preprocessing and Table 1
 #
@@ -31,8 +46,22 @@ print("preprocessed data:", pre.relative_to(config.REPO_ROOT))
 # %%
 t1 = report.table1(pre)
 study.save_table(t1, cfg, "table1_split",
-                 caption=f"Table 1: patients / CMB slices / CMBs per split. {cfg.study.reduced}")
+                 caption=f"Table 1: patients / CMB slices / CMBs per split; box side = longer side in mm "
+                         f"(labels: {cfg.preprocess.labels}). {cfg.study.reduced}")
 t1
+
+# %% [markdown]
+# ## Box sizes under the two label models
+# `annotator` (the default): a box on every slice where the rendered focus is visible (signal drop >= 30 % of
+# the local background and >= 3x its noise), enclosing the hypointensity at half depth, no side under 2 mm
+# (the lower bound of the CMB definition). `geometric`: the sphere's cross-section on every slice it crosses,
+# down to one pixel. The val/test splits carry both (`annotations/<split>_geometric.json`).
+
+# %%
+sizes = report.box_size_table(pre)
+study.save_table(sizes, cfg, "table1_box_sizes",
+                 caption="CMB boxes per split by longer side (mm), as labelled and as geometric cross-sections")
+sizes
 
 # %% [markdown]
 # ## What a slice looks like

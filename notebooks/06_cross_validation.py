@@ -1,3 +1,18 @@
+# ---
+# jupyter:
+#   jupytext:
+#     cell_metadata_filter: tags,-all
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
 # %% [markdown]
 # # 06 — Patient-level k-fold cross-validation, SSD vs SSD-FE
 #
@@ -14,10 +29,15 @@ from cmbfe import config, experiments, study
 cfg = config.load(profile)
 pre = study.ensure_data(cfg)
 folds = experiments.cross_validate(cfg, pre)
-study.save_table(folds, cfg, "cv_folds", caption=f"AP per fold. {cfg.study.reduced}")
+if folds.empty:  # study.folds: 0 — CV models trained to a plateau cost more than this profile's budget
+    print(f"profile '{profile}' runs no cross-validation (study.folds: 0); profile 'extended' does")
+else:
+    study.save_table(folds, cfg, "cv_folds", caption=f"AP per fold. {cfg.study.reduced}")
 folds
 
 # %%
-summary = experiments.cv_summary(cfg, folds)
-study.save_table(summary, cfg, "cv_summary", caption=f"{cfg.study.folds}-fold CV, mean AP. {cfg.study.reduced}")
-summary
+if not folds.empty:
+    summary = experiments.cv_summary(cfg, folds)
+    study.save_table(summary, cfg, "cv_summary",
+                     caption=f"{cfg.study.folds}-fold CV, mean AP. {cfg.study.reduced}")
+    display(summary)  # noqa: F821 - IPython

@@ -45,3 +45,23 @@ def test_unknown_ablation_is_named_at_load():
     with pytest.raises(config.ConfigError, match=r"study\.ablations\[0\]: 'nope' is not one of"):
         config.load("smoke", ["study.ablations=[nope]"])
     assert set(experiments.ABLATIONS) == set(config.load("smoke").study.ablations)
+
+
+def test_profile_without_secondary_runs_trains_nothing(tmp_path, monkeypatch):
+    """study.folds 0, study.ablations [] and study.timing_precision false: CV and ablations are empty and
+    Table 3 only times steps (no model is trained: ensure_run must not be called)."""
+    pre = make_pre(tmp_path, {"train": ["P01", "P02"], "val": ["P03"], "test": ["P04"]})
+    cfg = config.load("smoke", ["study.folds=0", "study.ablations=[]", "study.timing_precision=false",
+                                "study.timing_backbones=[vgg16:128]", "study.timing_repeats=1",
+                                "study.timing_batch=2", f"data_dir={tmp_path}/d"])
+
+    def no_training(*a, **k):
+        raise AssertionError("a model was trained")
+
+    monkeypatch.setattr(experiments.study, "ensure_run", no_training)
+    assert experiments.cross_validate(cfg, pre).empty and experiments.ablations(cfg, pre).empty
+    t3 = experiments.table3(cfg, pre)
+    assert len(t3) == 1 and t3.loc[0, f"FE time ratio {report.RUN}"] > 0
+    assert not any("precision@90% SSD" in c and report.RUN in c for c in t3.columns)
+    with pytest.raises(config.ConfigError, match="study.folds"):
+        config.load("smoke", ["study.folds=1"])
