@@ -204,6 +204,23 @@ def test_cohort_folder_and_threshold_override(tmp_path, blobnet):
         assert json.loads((tmp_path / "out" / p / "report.json").read_text())["threshold_source"] == "--threshold"
 
 
+def test_slices_are_byte_identical_to_cmbfe_preprocess(tmp_path, blobnet):
+    """The network sees exactly the 8-bit slices training saw (the PNGs of ``cmbfe preprocess``)."""
+    from PIL import Image
+
+    from cmbfe.detect import preprocess_volume
+    from cmbfe.detect_io import Scan, read_scan
+    from cmbfe.preprocess import preprocess_cohort
+
+    write_dicom(phantom(), tmp_path / "raw" / "P01")
+    preprocess_cohort(tmp_path / "raw", tmp_path / "pre", blobnet.cfg, progress=False)
+    vol, _ = read_scan(Scan("P01", "dicom", tmp_path / "raw" / "P01"))
+    u8, _ = preprocess_volume(vol, blobnet.cfg.preprocess)
+    pngs = sorted((tmp_path / "pre" / "images" / "P01").glob("z*.png"))
+    assert len(pngs) == len(u8)
+    assert all(np.array_equal(np.asarray(Image.open(p)), u8[k]) for k, p in enumerate(pngs))
+
+
 def test_merge_links_adjacent_slices_only():
     boxes = np.array([[10, 10, 16, 16], [11, 11, 17, 17], [12, 10, 18, 16], [40, 40, 44, 44], [10, 10, 16, 16.0]])
     slices = np.array([3, 4, 5, 4, 9])
