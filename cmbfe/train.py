@@ -228,14 +228,15 @@ def _resume_check(saved: dict[str, Any], cfg: C.Config, path: Path) -> None:
 def validate_split(
     model: nn.Module, dataset: SliceDataset, cfg: C.Config, device: torch.device
 ) -> dict[str, Any]:
-    """Predict on ``dataset`` (the val split) and return its metrics (``cmbfe.evaluate``)."""
+    """Predict on ``dataset`` (the val split) and return its metrics (``cmbfe.evaluate``) with the COCO results
+    under ``"detections"``."""
     kw = {"input": dataset.input, "batch_size": cfg.train.batch_size, "device": device, "dataset": dataset}
     dets = predict(model, dataset.pre_dir, dataset.split, **kw)
     gt = gt_from_coco(dataset.coco, f"{dataset.pre_dir}/annotations/{dataset.split}.json")
     res = evaluate(
         gt, dets_from_coco(dets, gt), match=cfg.eval.match, iou=cfg.eval.iou, radius_mm=cfg.eval.radius_mm
     )
-    return res["metrics"]
+    return {**res["metrics"], "detections": dets}
 
 
 def window_px(model_cfg: C.ModelConfig, ds: SliceDataset) -> int:
@@ -458,6 +459,8 @@ def run_validation(p: Parts, logs: RunLogs, it: int) -> None:
         row = {k: m.get(k) for k in VAL_FIELDS}
         row.update(iteration=it, seconds=round(time.perf_counter() - tv, 3), n_dets=m.get("n_dets"))
         logs.val.log({k: _csv_value(v) for k, v in row.items()})
+        if it == p.cfg.train.iterations:  # the final model's val detections, as study.ensure_predictions caches
+            atomic_write_json(p.out / f"dets_{p.val_ds.split}.json", m["detections"], indent=None)
         if logs.tb is not None:
             logs.tb.add_scalar("val/ap_voc", m["ap_voc"], it)
     if p.session.world > 1:

@@ -78,6 +78,11 @@ def test_smoke_training_loss_decreases(pre, tmp_path):
     assert len(val) == 1 and int(val[0]["iteration"]) == 30 and 0.0 <= float(val[0]["ap_voc"]) <= 1.0
     info = json.loads((run / "model.json").read_text())
     assert info["model"]["backbone"] == "vgg16" and info["timings"]["step_s_median"] > 0
+    # the final validation's detections are cached where study.ensure_predictions looks for them
+    from cmbfe.predict import load_model, predict
+
+    cached = json.loads((run / "dets_val.json").read_text())
+    assert cached == json.loads(json.dumps(predict(load_model(run), pre, "val", batch_size=4)))
     assert C.load(run / "config.yaml").to_dict() == cfg.to_dict() | {"profile": cfg.profile}
     state = torch.load(weights, weights_only=True)
     build_model(cfg.model, cfg.fe).load_state_dict(state)
