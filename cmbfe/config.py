@@ -42,7 +42,7 @@ ImageFormat = Literal["png", "jpg"]
 LabelModel = Literal["annotator", "geometric"]
 FESchedule = Literal["constant", "cosine"]
 FEPlacement = Literal["post_l2norm", "pre_l2norm"]
-FEVariant = Literal["fe", "ae"]
+FEVariant = Literal["fe", "ae", "l2n", "mean"]
 LRSchedule = Literal["step", "cosine"]
 Device = Literal["auto", "cpu", "cuda"]
 MatchRule = Literal["iou", "centre"]
@@ -126,7 +126,9 @@ class FEConfig:
     # pre_l2norm (R1, paper-literal: inline on the trunk before the conv4_3 L2Norm) | post_l2norm (R2: the head
     # sees FE, a train-only magnitude cue that leaks the label; an ablation arm). README, "Feature enhancement"
     placement: FEPlacement = "pre_l2norm"
-    variant: FEVariant = "fe"  # fe (paper) | ae (assisted excitation)
+    # fe: X + a*M*X (paper) | l2n: X + a*M*L2Norm_c(X) (R3, the intro's sentence) | mean: X + a*M*mean_c(X)
+    # (R4, graded mask) | ae: X + a*[M>0]*mean_c(X) (Assisted Excitation; as published with schedule: cosine)
+    variant: FEVariant = "fe"
 
 
 @dataclass

@@ -142,8 +142,17 @@ def alpha_at(t: float, alpha: float, schedule: str) -> float:
 def apply_fe(x: Tensor, mask: Tensor, alpha: float, variant: str = "fe") -> Tensor:
     """Enhance features ``x`` ``[B, C, h, w]`` with mask ``[B, 1, h, w]``.
 
-    ``fe`` (Li et al.): ``x + alpha * mask * x``. ``ae`` (Assisted Excitation, Derakhshani et al. 2019):
-    ``x + alpha * (mask > 0) * mean_c(x)``. Gradients flow to ``x``; the mask is treated as a constant.
+    The readings of the paper's FE (README, "Feature enhancement"):
+
+    - ``fe`` (R1/R2, Li et al. section 2.3): ``x + alpha * mask * x``, a per-position rescaling of ``x``;
+    - ``l2n`` (R3, the introduction's sentence): ``x + alpha * mask * x / ||x||_c`` (channel L2 norm, eps
+      1e-10): again a per-position multiple of ``x``, but with a gain that does not grow with ``||x||``;
+    - ``mean`` (R4): ``x + alpha * mask * mean_c(x)``, the graded mask times the channel mean: it changes the
+      direction of the feature vector, so it survives a later L2Norm;
+    - ``ae`` (Assisted Excitation, Derakhshani et al. 2019): ``x + alpha * (mask > 0) * mean_c(x)``, the
+      binary box mask (as published with ``alpha`` decayed to 0 by the cosine schedule).
+
+    Gradients flow to ``x``; the mask is treated as a constant.
     """
     if mask.shape[-2:] != x.shape[-2:] or mask.shape[0] != x.shape[0]:
         raise ValueError(f"mask {tuple(mask.shape)} does not match features {tuple(x.shape)}")
@@ -152,6 +161,10 @@ def apply_fe(x: Tensor, mask: Tensor, alpha: float, variant: str = "fe") -> Tens
         return x + alpha * m * x
     if variant == "ae":
         return x + alpha * (m > 0).to(x.dtype) * x.mean(dim=1, keepdim=True)
+    if variant == "l2n":
+        return x + alpha * m * x / x.norm(dim=1, keepdim=True).clamp(min=1e-10)
+    if variant == "mean":
+        return x + alpha * m * x.mean(dim=1, keepdim=True)
     raise ValueError(f"unknown FE variant {variant!r} (allowed: {', '.join(VARIANTS)})")
 
 

@@ -1,3 +1,18 @@
+# ---
+# jupyter:
+#   jupytext:
+#     cell_metadata_filter: tags,-all
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
 # %% [markdown]
 # # 05 — Evaluation: Table 2, Fig. 4, Fig. 5, Table 4, Fig. 6/7 and mimic attribution
 #
@@ -19,6 +34,21 @@ cfg = config.load(profile)
 pre = study.ensure_data(cfg)
 ev = report.evaluate_main(cfg, pre)
 note = cfg.study.reduced
+
+# %% [markdown]
+# ## Were the detectors trained? Learning curves and the plateau criterion
+#
+# Every run validates every 10 % of its training. A run is at a plateau when its validation AP moves by
+# less than 0.02 (absolute) over the last 20 % of training; a table of results from runs that are not is
+# no evidence of anything.
+
+# %%
+fig_curves, plateau = report.learning_curves(cfg, ev)
+study.save_figure(fig_curves, cfg, "fig_learning_curves")
+study.save_table(plateau, cfg, "plateau",
+                 caption="Plateau criterion per run: validation AP (IoU 0.5, all-point) over the last 20 % of "
+                         f"training must move by < 0.02. {note}")
+plateau
 
 # %% [markdown]
 # ## Table 2 — VOC AP, SSD vs SSD-FE
@@ -74,6 +104,17 @@ sizes = report.size_table(cfg, ev)
 study.save_table(sizes, cfg, "recall_by_box_size",
                  caption=f"Sensitivity by GT box size and AP, IoU vs centre matching (mean over seeds). {note}")
 sizes
+
+# %% [markdown]
+# The same detections scored against two label models of the same test slices: the boxes as labelled
+# (`preprocess.labels`; default `annotator`: visible foci, sides >= 2 mm) and the geometric
+# cross-sections of the spheres (`cmbfe.labels`).
+
+# %%
+labels_ap = report.label_model_table(cfg, ev, pre)
+study.save_table(labels_ap, cfg, "ap_by_label_model",
+                 caption=f"AP under each label model and matching rule (mean over seeds). {note}")
+labels_ap
 
 # %% [markdown]
 # Where the centre rule finds a CMB, how large is the predicted box? A median ratio of predicted to

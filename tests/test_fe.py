@@ -189,7 +189,10 @@ def test_apply_fe_formulas():
     m = torch.rand(2, 1, 3, 3) * (torch.rand(2, 1, 3, 3) > 0.5)
     torch.testing.assert_close(apply_fe(x, m, 0.5, "fe"), x + 0.5 * m * x)
     torch.testing.assert_close(apply_fe(x, m, 0.5, "ae"), x + 0.5 * (m > 0).float() * x.mean(1, keepdim=True))
-    torch.testing.assert_close(apply_fe(x, torch.zeros_like(m), 2.0, "fe"), x)
+    torch.testing.assert_close(apply_fe(x, m, 0.5, "l2n"), x + 0.5 * m * x / x.norm(dim=1, keepdim=True))
+    torch.testing.assert_close(apply_fe(x, m, 0.5, "mean"), x + 0.5 * m * x.mean(1, keepdim=True))
+    for v in ("fe", "ae", "l2n", "mean"):
+        torch.testing.assert_close(apply_fe(x, torch.zeros_like(m), 2.0, v), x)
     with pytest.raises(ValueError):
         apply_fe(x, m, 1.0, "xx")
     with pytest.raises(ValueError):

@@ -139,11 +139,11 @@ def test_fe_changes_training_losses_only_when_enabled():
     assert torch.equal(lc["classification"], lb["classification"])
 
 
-def _sources(model, img, box, enhanced: bool):
+def _sources(model, img, box, enhanced: bool, variant: str = "fe"):
     model.eval()
     batch, tgts = model.transform([img], [target(box)])
     if enhanced:
-        model.backbone.fe_context = FEContext([tgts[0]["boxes"]], 1.0, 1.5, "fe", 0.5, 0.25)
+        model.backbone.fe_context = FEContext([tgts[0]["boxes"]], 1.0, 1.5, variant, 0.5, 0.25)
     try:
         with torch.no_grad():
             return list(model.backbone(batch.tensors).values())
@@ -375,3 +375,46 @@ def test_vgg_batch_norm_option():
     build_model(ModelConfig(backbone="resnet34", size=128, width=0.125, batch_norm=True), FEConfig())
     with pytest.raises(ValueError, match="batch_norm"):
         build_model(ModelConfig(size=128, width=1.0, batch_norm=True, pretrained=True), FEConfig())
+
+
+@pytest.mark.parametrize("variant", ["fe", "l2n", "mean", "ae"])
+def test_every_reading_is_the_identity_in_eval(variant):
+    torch.manual_seed(0)
+    with_fe, plain = small(fe=True, placement="pre_l2norm"), small(fe=False)
+    with_fe.fe_cfg.variant = variant
+    plain.load_state_dict(with_fe.state_dict())
+    img, box = blob(150)
+    with_fe.eval()
+    plain.eval()
+    with torch.no_grad():
+        a, b = with_fe([img], [target(box)]), plain([img])
+    assert all(torch.equal(x[k], y[k]) for x, y in zip(a, b) for k in ("boxes", "scores", "labels"))
+
+
+@pytest.mark.parametrize("variant", ["l2n", "fe"])
+def test_rescaling_readings_are_cancelled_by_l2norm_at_the_head(variant):
+    """R1 (fe) and R3 (l2n) inline before the L2Norm multiply each position by a positive scalar: the conv4_3
+    head input is unchanged, the deeper maps are not."""
+    torch.manual_seed(0)
+    m = small("vgg16", fe=True, placement="pre_l2norm")
+    img, box = blob(size=128, r=10.0)
+    plain, enh = _sources(m, img, box, False), _sources(m, img, box, True, variant)
+    torch.testing.assert_close(enh[0], plain[0], atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(enh[1], plain[1], atol=1e-4)
+
+
+@pytest.mark.parametrize("placement", ["pre_l2norm", "post_l2norm"])
+def test_mean_reading_changes_the_head_input_inside_boxes_only(placement):
+    """R4 changes the feature direction, so it survives the L2Norm; outside the boxes the head input is
+    unchanged (the mask is 0 there)."""
+    torch.manual_seed(0)
+    m = small("vgg16", fe=True, placement=placement)
+    img, box = blob(size=128, r=10.0)
+    plain, enh = _sources(m, img, box, False), _sources(m, img, box, True, "mean")
+    changed = (enh[0] - plain[0]).abs().amax(dim=1)[0] > 1e-5  # [h, w] positions of the first source
+    assert changed.any()
+    stride = 128 / changed.shape[-1]  # box in network px -> first-source cells
+    b = box[0] / stride  # the 128-px image is the 128-px network input
+    rows, cols = torch.nonzero(changed, as_tuple=True)
+    assert (cols >= math.floor(b[0]) - 1).all() and (cols <= math.ceil(b[2]) + 1).all()
+    assert (rows >= math.floor(b[1]) - 1).all() and (rows <= math.ceil(b[3]) + 1).all()
