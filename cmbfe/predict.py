@@ -85,6 +85,12 @@ def predict(
     size = {int(im["id"]): (int(im["width"]), int(im["height"])) for im in ds.images}
     was_training = model.training
     model.eval()
+    # channels_last convolutions (oneDNN) run ~1.7x faster on this CPU (SSD-512, width 1/8, one thread); the
+    # model's memory format is restored afterwards, so a model validated during training trains on unchanged
+    cpu = device.type == "cpu"
+    if cpu:
+        with torch.inference_mode(False):  # parameters stay normal tensors (training may go on with them)
+            model.to(memory_format=torch.channels_last)
     results: list[dict[str, Any]] = []
     try:
         for images, targets in loader:
@@ -93,6 +99,9 @@ def predict(
                 w, h = size.get(t["image_id"], (im.shape[-1], im.shape[-2]))
                 results.extend(detections_to_coco(out, t["image_id"], w, h))
     finally:
+        if cpu:
+            with torch.inference_mode(False):
+                model.to(memory_format=torch.contiguous_format)
         model.train(was_training)
     return results
 
