@@ -36,6 +36,9 @@ RECIPES: dict[str, list[str]] = {
     # the candidate default: 128-px windows, warm-up + cosine, no EMA (EMA lags a fast-moving model badly)
     "cos128s": ["train.iterations=1500", "train.lr=0.003", "train.schedule=cosine", "train.warmup=100",
                 "train.grad_clip=10.0", "model.train_crop=128"],
+    # the default profile's recipe: cosine to 1 % of the LR by 80 % of training, then flat (the plateau window)
+    "default": ["train.iterations=2000", "train.lr=0.003", "train.schedule=cosine", "train.warmup=100",
+                "train.cosine_end=0.8", "train.lr_min=0.01", "train.grad_clip=10.0", "model.train_crop=128"],
     "cos128b8": ["train.iterations=2250", "train.batch_size=8", "train.lr=0.004", "train.schedule=cosine",
                  "train.warmup=100", "train.ema=0.997", "train.grad_clip=10.0", "model.train_crop=128"],
 }

@@ -160,6 +160,10 @@ class TrainConfig:
     # step (the paper's: x lr_gamma at each lr_steps fraction) | cosine (to 0 at the last iteration)
     schedule: LRSchedule = "step"
     warmup: int = 0  # iterations of linear LR warm-up from lr/100 (0: none)
+    # cosine: the LR falls from lr to lr * lr_min by the fraction cosine_end of training and stays there
+    # (cosine_end 0.8, lr_min 0.01: the paper's last 1/6 at 1 % of the LR, with a smooth decay before it)
+    cosine_end: float = 1.0
+    lr_min: float = 0.0
     grad_clip: float = 0.0  # max global gradient norm (0: no clipping)
     ema: float = 0.0  # decay of an exponential moving average of the weights, validated and saved (0: off)
     weight_decay: float = 0.0
@@ -379,6 +383,8 @@ def _rules(cfg: Config) -> list[tuple[bool, str, str, Any]]:
         (tr.lr_gamma > 0, "train.lr_gamma", "> 0", tr.lr_gamma),
         (all(0 < f <= 1 for f in tr.lr_steps), "train.lr_steps", "fractions in (0, 1]", tr.lr_steps),
         (tr.warmup >= 0, "train.warmup", ">= 0", tr.warmup),
+        (0 < tr.cosine_end <= 1, "train.cosine_end", "in (0, 1]", tr.cosine_end),
+        (0 <= tr.lr_min < 1, "train.lr_min", "in [0, 1)", tr.lr_min),
         (tr.grad_clip >= 0, "train.grad_clip", ">= 0", tr.grad_clip),
         (0 <= tr.ema < 1, "train.ema", "in [0, 1)", tr.ema),
         (tr.weight_decay >= 0, "train.weight_decay", ">= 0", tr.weight_decay),

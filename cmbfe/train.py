@@ -143,11 +143,12 @@ def step_time(
 
 def lr_factor(it: int, tc: C.TrainConfig) -> float:
     """LR multiplier at iteration ``it`` (0-based): linear warm-up from 1/100 over ``train.warmup``
-    iterations, then ``step`` (x ``lr_gamma`` at each ``lr_steps`` fraction) or ``cosine`` (1 -> 0 at the
-    last iteration)."""
+    iterations, then ``step`` (x ``lr_gamma`` at each ``lr_steps`` fraction) or ``cosine`` (1 -> ``lr_min`` by
+    the fraction ``cosine_end`` of training, then constant; defaults: 0 at the last iteration)."""
     if tc.schedule == "cosine":
-        span = max(1, tc.iterations - 1 - tc.warmup)
-        f = 0.5 * (1 + math.cos(math.pi * min(1.0, max(0, it - tc.warmup) / span)))
+        span = max(1, round(tc.cosine_end * tc.iterations) - 1 - tc.warmup)
+        c = 0.5 * (1 + math.cos(math.pi * min(1.0, max(0, it - tc.warmup) / span)))
+        f = tc.lr_min + (1 - tc.lr_min) * c
     else:
         miles = sorted({max(1, round(s * tc.iterations)) for s in tc.lr_steps})
         f = tc.lr_gamma ** sum(it >= m for m in miles)

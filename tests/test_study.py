@@ -25,6 +25,9 @@ def repo(tmp_path, monkeypatch):
 # configuration must keep its key, whatever the override syntax or the new keys at their neutral values.
 # THEN: the values those runs had where a profile's default has changed since (a new default is a new run).
 THEN = {"fe.placement": "post_l2norm"}
+# and the default profile's training recipe of that commit (issue #9 changed the profile)
+THEN_PROFILE = {"default": {"model.train_crop": 256, "train.iterations": 400, "train.schedule": "step",
+                            "train.warmup": 0, "train.grad_clip": 0.0, "train.val_every": -1}}
 PINNED = [
     ("smoke", "42dff1ecd035", {"size": 128, "fe": False, "seed": 0}, {}, "de2679faeb15"),
     ("smoke", "42dff1ecd035", {"size": 128, "fe": True, "seed": 0}, {}, "c133ec38ed29"),
@@ -40,7 +43,7 @@ PINNED = [
 def test_run_keys_of_cached_runs_do_not_change(profile, data_key, grid, over, key, monkeypatch):
     monkeypatch.setattr(study, "data_key", lambda cfg: data_key)
     cfg = config.load(profile)
-    over = {**THEN, **over}
+    over = {**THEN, **THEN_PROFILE.get(profile, {}), **over}
     if over.pop("study.secondary", 0) is None:
         over = {**over, **cfg.study.secondary}  # as experiments.cross_validate builds a CV run
     assert study.run_key(study.grid_config(cfg, **grid, overrides=over)) == key

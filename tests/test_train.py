@@ -198,6 +198,10 @@ def test_lr_factor_warmup_cosine_and_step():
     assert f[0] == pytest.approx(0.01) and f[5] == pytest.approx(0.01 + 0.99 * 0.5)
     assert f[10] == pytest.approx(1.0) and f[100] == pytest.approx(0.0, abs=1e-12)
     assert all(a >= b for a, b in itertools.pairwise(f[10:]))  # monotone decay after the warm-up
+    floor = C.TrainConfig(iterations=100, schedule="cosine", warmup=0, cosine_end=0.8, lr_min=0.01)
+    g = [lr_factor(i, floor) for i in range(100)]
+    assert g[0] == pytest.approx(1.0) and g[79] == pytest.approx(0.01) and g[80:] == [pytest.approx(0.01)] * 20
+    assert all(a > b for a, b in itertools.pairwise(g[:80]))
     step = C.TrainConfig(iterations=12, lr_steps=(2 / 3, 5 / 6), lr_gamma=0.1)
     assert [lr_factor(i, step) for i in (7, 8, 10)] == pytest.approx([1.0, 0.1, 0.01])
 
@@ -224,7 +228,8 @@ def test_resume_bit_identical_with_ema_cosine_warmup_clip(pre, tmp_path):
 
 
 def test_recipe_values_checked_at_load():
-    for bad in ("train.schedule=linear", "train.warmup=-1", "train.ema=1.0", "train.grad_clip=-2"):
+    for bad in ("train.schedule=linear", "train.warmup=-1", "train.ema=1.0", "train.grad_clip=-2",
+                "train.cosine_end=0", "train.lr_min=1.0"):
         with pytest.raises(ConfigError, match="train"):
             C.load(None, [bad])
 
