@@ -90,7 +90,10 @@ def summary(names: list[str], out: Path) -> pd.DataFrame:
         if log.is_file():
             row["train s"] = round(float(pd.read_csv(log)["seconds"].iloc[-1]))
         rows.append(row)
-    return pd.DataFrame(rows)
+    df = pd.DataFrame(rows)
+    pct = sorted((c for c in df.columns if c.endswith("%") and c[:-1].isdigit()), key=lambda c: int(c[:-1]))
+    rest = [c for c in df.columns if c not in pct and c != "recipe"]
+    return df[["recipe", *pct, *rest]] if len(df) else df
 
 
 def main(argv: list[str] | None = None) -> int:

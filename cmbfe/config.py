@@ -31,7 +31,7 @@ from cmbfe.utils import atomic_write_text
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PARAMS_DIR = REPO_ROOT / "params"
-PROFILES = ("smoke", "default", "paper")
+PROFILES = ("smoke", "default", "extended", "paper")
 COMMITTED_PROFILE = "default"  # its tables and figures are committed: results/ and figures/ themselves
 
 # The allowed values of every choice, in one place (``typing.get_args(Backbone)`` lists them).
@@ -46,6 +46,7 @@ FEVariant = Literal["fe", "ae", "l2n", "mean"]
 LRSchedule = Literal["step", "cosine"]
 Device = Literal["auto", "cpu", "cuda"]
 MatchRule = Literal["iou", "centre"]
+FEArm = Literal["no FE", "R1", "R2 constant", "R2 cosine", "R3", "R4 cosine", "AE cosine"]
 Ablation = Literal["placement", "schedule", "variant", "priors", "input"]
 
 
@@ -208,6 +209,9 @@ class StudyConfig:
     ablations: tuple[Ablation, ...] = ("placement", "schedule", "variant", "priors", "input")
     ablation_iterations: int = 0  # 0: same as train.iterations
     ablation_seeds: int = 1  # how many of ``seeds`` each ablation setting is trained with
+    # FE readings compared with SSD (issue #10; experiments.FE_ARMS), each trained with every seed of ``seeds``
+    # on the main recipe; () runs none (the default profile: profile `extended` runs them)
+    fe_arms: tuple[FEArm, ...] = ()
     reduced: str = ""  # what this profile reduces relative to the paper (printed in captions)
     # overrides (``section.key: value``) for the cross-validation, Table 3 and ablation runs, e.g. a cheaper
     # resolution on CPU; listed in ``reduced``

@@ -16,7 +16,7 @@ import pandas as pd
 import torch
 
 from cmbfe import paper, stats, study
-from cmbfe.config import Ablation, Config, with_overrides
+from cmbfe.config import Ablation, Config, FEArm, with_overrides
 from cmbfe.data import SliceDataset
 from cmbfe.models import build_model
 from cmbfe.predict import resolve_device
@@ -176,8 +176,9 @@ def table3(cfg: Config, pre: Path) -> pd.DataFrame:
 # name (the values of config.Ablation) -> (reference label, reference overrides), (alternative label, alternative
 # overrides)
 ABLATIONS: dict[Ablation, list[tuple[str, dict[str, Any]]]] = {
-    "placement": [("FE after conv4_3 L2Norm (default)", {"fe.enabled": True, "fe.placement": "post_l2norm"}),
-                  ("FE before L2Norm (inline, paper-literal)", {"fe.enabled": True, "fe.placement": "pre_l2norm"})],
+    "placement": [("FE before L2Norm (R1, inline, paper-literal; default)",
+                   {"fe.enabled": True, "fe.placement": "pre_l2norm"}),
+                  ("FE after conv4_3 L2Norm (R2, the head sees FE)", {"fe.enabled": True, "fe.placement": "post_l2norm"})],
     "schedule": [("FE, constant alpha (paper)", {"fe.enabled": True, "fe.schedule": "constant"}),
                  ("FE, cosine-decayed alpha", {"fe.enabled": True, "fe.schedule": "cosine"})],
     "variant": [("FE (multiplicative, paper)", {"fe.enabled": True, "fe.variant": "fe"}),
@@ -221,3 +222,81 @@ def ablations(cfg: Config, pre: Path) -> pd.DataFrame:
                 row["p (paired bootstrap)"] = d["p"]
             rows.append(row)
     return pd.DataFrame(rows)
+
+
+# The readings of the paper's FE (README, "Feature enhancement"), each an arm of the paired comparison
+FE_ARMS: dict[FEArm, dict[str, Any]] = {
+    "no FE": {"fe.enabled": False},
+    "R1": {"fe.enabled": True, "fe.placement": "pre_l2norm", "fe.variant": "fe", "fe.schedule": "constant"},
+    "R2 constant": {"fe.enabled": True, "fe.placement": "post_l2norm", "fe.variant": "fe", "fe.schedule": "constant"},
+    "R2 cosine": {"fe.enabled": True, "fe.placement": "post_l2norm", "fe.variant": "fe", "fe.schedule": "cosine"},
+    "R3": {"fe.enabled": True, "fe.placement": "pre_l2norm", "fe.variant": "l2n", "fe.schedule": "constant"},
+    "R4 cosine": {"fe.enabled": True, "fe.placement": "pre_l2norm", "fe.variant": "mean", "fe.schedule": "cosine"},
+    "AE cosine": {"fe.enabled": True, "fe.placement": "pre_l2norm", "fe.variant": "ae", "fe.schedule": "cosine"},
+}
+
+
+def fe_readings(cfg: Config, pre: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Every arm of ``study.fe_arms`` trained with every seed of ``study.seeds`` (same data order and
+    augmentation per seed: the arms differ only in FE), evaluated on the test split.
+
+    Returns ``(per_seed, summary)``: per arm and seed the AP and, against the no-FE run of the same seed,
+    the paired patient-bootstrap difference with its CI; per arm the mean AP over seeds, the mean difference
+    with a t-interval over seeds, and the no-FE arm's seed SD (what a difference must exceed to be more
+    than seed noise). Empty frames when the profile lists no arms."""
+    arms = list(cfg.study.fe_arms)
+    if not arms:
+        return pd.DataFrame(), pd.DataFrame()
+    if "no FE" not in arms:
+        arms = ["no FE", *arms]
+    res = {(a, s): evaluate_run(c, study.ensure_run(c), pre)
+           for a in arms for s in cfg.study.seeds
+           for c in [with_overrides(cfg, {**FE_ARMS[a], "train.seed": s})]}
+    rows = []
+    for a in arms:
+        for s in cfg.study.seeds:
+            r, base = res[(a, s)], res[("no FE", s)]
+            row: dict[str, Any] = {"arm": a, "seed": s, f"AP {RUN}": r["metrics"]["ap_voc"]}
+            if a != "no FE":
+                d = stats.paired_bootstrap(r["boot"], base["boot"], n=cfg.eval.bootstrap, seed=cfg.eval.seed,
+                                           ci=cfg.eval.ci)["ap_voc"]
+                row |= {"AP - no FE": d["diff"], "95% CI (paired patient bootstrap)": f"[{d['lo']:+.3f}, {d['hi']:+.3f}]",
+                        "p": d["p"]}
+            rows.append(row)
+    per_seed = pd.DataFrame(rows)
+    base_sd = float(np.std(per_seed.loc[per_seed["arm"] == "no FE", f"AP {RUN}"], ddof=1)) \
+        if len(cfg.study.seeds) > 1 else np.nan
+    summary = []
+    for a in arms:
+        sub = per_seed[per_seed["arm"] == a]
+        row = {"arm": a, "seeds": len(sub), f"mean AP {RUN}": float(sub[f"AP {RUN}"].mean()),
+               f"no-FE seed SD {RUN}": base_sd}
+        if a != "no FE":
+            cs = stats.combine_seeds(sub["AP - no FE"].to_numpy())
+            row |= {f"mean AP - no FE {RUN}": cs["mean"],
+                    "95% t-interval over seeds": f"[{cs['lo']:+.3f}, {cs['hi']:+.3f}]" if np.isfinite(cs["lo"]) else ""}
+        row[f"SSD-FE - SSD {PAPER}"] = paper.TABLE2_FE_GAIN if a == "R1" else np.nan
+        summary.append(row)
+    return per_seed, pd.DataFrame(summary)
+
+
+def fe_readings_figure(per_seed: pd.DataFrame) -> Any:
+    """AP - no FE per arm: one dot per seed with its paired-bootstrap CI, the paper's +0.023 as a line."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 3.5))
+    arms = [a for a in dict.fromkeys(per_seed["arm"]) if a != "no FE"]
+    for i, a in enumerate(arms):
+        sub = per_seed[per_seed["arm"] == a].reset_index(drop=True)
+        for j, r in sub.iterrows():
+            lo, hi = (float(v) for v in r["95% CI (paired patient bootstrap)"].strip("[]").split(","))
+            x = i + (j - (len(sub) - 1) / 2) * 0.12
+            ax.errorbar(x, r["AP - no FE"], yerr=[[r["AP - no FE"] - lo], [hi - r["AP - no FE"]]], fmt="o",
+                        ms=4, capsize=2, color=f"C{j}", label=f"seed {r['seed']}" if i == 0 else None)
+    ax.axhline(0, color="0.5", lw=0.8)
+    ax.axhline(paper.TABLE2_FE_GAIN, color="C3", ls="--", lw=0.8, label=f"paper SSD-512 +{paper.TABLE2_FE_GAIN:.3f}")
+    ax.set_xticks(range(len(arms)), arms, rotation=20)
+    ax.set_ylabel("AP - no FE (paired)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig

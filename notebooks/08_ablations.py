@@ -41,3 +41,25 @@ if abl.empty:  # study.ablations: [] — ablation models trained to a plateau co
 else:
     study.save_table(abl, cfg, "ablations", caption=f"Ablations (not in the paper). {cfg.study.reduced}")
 abl
+
+# %% [markdown]
+# ## Does FE help? Every reading of the paper's FE against SSD, paired on seeds (issue #10)
+#
+# R1 (the default: X + M·X inline before the conv4_3 L2Norm), R2 (after the L2Norm: the head sees FE, a
+# train-only cue), R3 (X + M·L2Norm_c X), R4 (X + α·M·mean_c X, graded mask) and Assisted Excitation as
+# published (binary mask, channel mean, α decayed to 0), each trained with every seed of the profile on the
+# main recipe; each arm minus SSD with a paired patient bootstrap per seed and a t-interval over seeds, beside
+# SSD's own seed SD. Profiles that list no arms (`study.fe_arms: []`, the default) skip this.
+
+# %%
+per_seed, readings = experiments.fe_readings(cfg, pre)
+if readings.empty:
+    print(f"profile '{profile}' compares no FE readings (study.fe_arms: []); profile 'extended' does")
+else:
+    study.save_table(per_seed, cfg, "fe_readings_per_seed",
+                     caption=f"FE readings, per seed: AP and AP - SSD (paired patient bootstrap). {cfg.study.reduced}")
+    study.save_table(readings, cfg, "fe_readings",
+                     caption=f"FE readings: mean AP over seeds, mean AP - SSD with a t-interval over seeds, SSD's "
+                             f"seed SD; the paper's one-run SSD-512 gain beside R1. {cfg.study.reduced}")
+    study.save_figure(experiments.fe_readings_figure(per_seed), cfg, "fig_fe_readings")
+readings

@@ -65,3 +65,47 @@ def test_profile_without_secondary_runs_trains_nothing(tmp_path, monkeypatch):
     assert not any("precision@90% SSD" in c and report.RUN in c for c in t3.columns)
     with pytest.raises(config.ConfigError, match="study.folds"):
         config.load("smoke", ["study.folds=1"])
+
+
+def test_fe_readings_pair_every_arm_with_no_fe_of_the_same_seed(monkeypatch):
+    import zlib
+
+    from test_stats import cohort
+
+    from cmbfe import metrics as M
+    from cmbfe import stats
+    from cmbfe.evaluate import dets_from_coco
+
+    _, dets, g, _ = cohort(12, seed=0)
+    trained = []
+
+    def fake_run(c):
+        trained.append((c.fe.enabled, c.fe.placement, c.fe.variant, c.fe.schedule, c.train.seed))
+        return c
+
+    def fake_eval(c, run, pre, **kw):  # the same test set, scores perturbed per arm and seed
+        key = repr((c.fe.enabled, c.fe.placement, c.fe.variant, c.fe.schedule, c.train.seed)).encode()
+        rng = np.random.default_rng(zlib.crc32(key))
+        dd = dets_from_coco([{**x, "score": float(np.clip(x["score"] + rng.normal(0, 0.2), 0, 1))} for x in dets], g)
+        m = M.match(g, dd)
+        return {"metrics": {"ap_voc": M.ap_voc(m.tp[m.order], g.n_gt)}, "boot": stats.prepare(g, dd, m)}
+
+    monkeypatch.setattr(experiments.study, "ensure_run", fake_run)
+    monkeypatch.setattr(experiments, "evaluate_run", fake_eval)
+    cfg = config.load("smoke", ["study.fe_arms=[R1, R2 cosine]", "study.seeds=[0, 1]", "eval.bootstrap=50"])
+    per_seed, summary = experiments.fe_readings(cfg, None)
+    assert list(per_seed["arm"]) == ["no FE", "no FE", "R1", "R1", "R2 cosine", "R2 cosine"]
+    assert (False, "pre_l2norm", "fe", "constant", 1) in trained  # no FE (placement is the default, unused)
+    assert (True, "post_l2norm", "fe", "cosine", 0) in trained and (True, "pre_l2norm", "fe", "constant", 1) in trained
+    ap = per_seed.set_index(["arm", "seed"])[f"AP {report.RUN}"]
+    r1 = per_seed[per_seed["arm"] == "R1"].set_index("seed")["AP - no FE"]
+    assert r1[1] == pytest.approx(ap[("R1", 1)] - ap[("no FE", 1)])
+    s = summary.set_index("arm")
+    assert s.loc["no FE", f"no-FE seed SD {report.RUN}"] == pytest.approx(np.std([ap[("no FE", 0)], ap[("no FE", 1)]],
+                                                                               ddof=1))
+    assert s.loc["R1", f"SSD-FE - SSD {report.PAPER}"] == pytest.approx(0.023)
+    assert np.isnan(s.loc["R2 cosine", f"SSD-FE - SSD {report.PAPER}"])
+    fig = experiments.fe_readings_figure(per_seed)
+    assert len(fig.axes[0].get_xticklabels()) == 2
+    empty = experiments.fe_readings(config.load("smoke"), None)
+    assert empty[0].empty and empty[1].empty
