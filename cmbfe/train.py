@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import io
 import math
 import os
@@ -338,6 +339,7 @@ class Parts:
     val_ds: SliceDataset | None
     batches: Iterator[tuple[list[Tensor], list[dict]]]
     checkpointer: Checkpointer
+    fixed: list[tuple[Tensor, dict]] | None = None  # a fixed training batch for the FE train/test gap (fe.enabled)
     start: int = 0  # first iteration of this call
     elapsed: float = 0.0  # training seconds of earlier calls
 
@@ -421,20 +423,47 @@ def build_parts(cfg: C.Config, out: Path, pre: Path, s: Session, *, resume: bool
     loader = DataLoader(ds, batch_sampler=sampler, collate_fn=collate_fn, generator=gen, num_workers=tc.workers,
                         persistent_workers=tc.workers > 0, pin_memory=s.device.type == "cuda")
     p.batches = iter(loader)
+    if cfg.fe.enabled and s.main and tc.val_every >= 0:
+        pos = [i for i, im in enumerate(ds.images) if ds._has_cmb(im)][:FE_GAP_BATCH]
+        p.fixed = [ds[(i, i)] for i in pos]  # seeded draws: the training stream's RNG is untouched
     return p
+
+
+FE_GAP_BATCH = 8
+FE_GAP_FIELDS = ["iteration", "alpha", "loss_fe_on", "loss_fe_off", "cls_fe_on", "cls_fe_off", "bbox_fe_on",
+                 "bbox_fe_off"]
+
+
+@torch.no_grad()
+def fe_gap(core: nn.Module, fixed: list[tuple[Tensor, dict]], device: torch.device) -> dict[str, float]:
+    """Training losses of a copy of ``core`` on a fixed batch with FE on (as in training) and off (what the
+    network meets at test time), in train mode (batch statistics; the copy keeps ``core``'s BatchNorm buffers
+    and RNG-free state untouched). A gap that stays large means the heads rely on the training-only FE."""
+    model = copy.deepcopy(core).train()
+    images = [im.to(device) for im, _ in fixed]
+    targets = _to([t for _, t in fixed], device)
+    row: dict[str, float] = {"alpha": float(model.alpha)}
+    for on in (True, False):
+        model.fe_cfg.enabled = on
+        total, bbox, cls = split_losses(model(images, targets))
+        tag = "on" if on else "off"
+        row |= {f"loss_fe_{tag}": float(total), f"bbox_fe_{tag}": float(bbox), f"cls_fe_{tag}": float(cls)}
+    return row
 
 
 class RunLogs:
     """``RUN/log.csv``, ``RUN/val.csv`` (unless ``val_every`` is -1) and TensorBoard (``train.tensorboard``),
     on the main process only; appended to on resume. A context manager that closes them."""
 
-    def __init__(self, out: Path, tc: C.TrainConfig, main: bool, append: bool) -> None:
-        self.log = self.val = self.tb = None
+    def __init__(self, out: Path, tc: C.TrainConfig, main: bool, append: bool, fe: bool = False) -> None:
+        self.log = self.val = self.tb = self.fe_gap = None
         if not main:
             return
         self.log = CSVLogger(out / "log.csv", LOG_FIELDS, append=append)
         if tc.val_every >= 0:  # -1: never validated, so no val.csv
             self.val = CSVLogger(out / "val.csv", VAL_FIELDS, append=append)
+            if fe:  # FE runs: losses on a fixed batch with FE on / off at every validation
+                self.fe_gap = CSVLogger(out / "fe_gap.csv", FE_GAP_FIELDS, append=append)
         if tc.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter  # optional dependency
@@ -447,7 +476,7 @@ class RunLogs:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for closable in (self.log, self.val, self.tb):
+        for closable in (self.log, self.val, self.tb, self.fe_gap):
             if closable is not None:
                 closable.close()
 
@@ -464,6 +493,8 @@ def run_validation(p: Parts, logs: RunLogs, it: int) -> None:
             atomic_write_json(p.out / f"dets_{p.val_ds.split}.json", m["detections"], indent=None)
         if logs.tb is not None:
             logs.tb.add_scalar("val/ap_voc", m["ap_voc"], it)
+        if logs.fe_gap is not None and p.fixed:
+            logs.fe_gap.log({"iteration": it, **fe_gap(p.core, p.fixed, p.session.device)})
     if p.session.world > 1:
         dist.barrier()
 
@@ -562,7 +593,7 @@ def fit(
     pre = Path(data) if data is not None else cfg.pre_path()
     with training_session(tc) as s:
         p = build_parts(cfg, out, pre, s, resume=resume)
-        with RunLogs(out, tc, s.main, append=p.start > 0) as logs:
+        with RunLogs(out, tc, s.main, append=p.start > 0, fe=cfg.fe.enabled) as logs:
             clock = Clock(p.elapsed)
             end = tc.iterations if stop_after is None else min(tc.iterations, stop_after)
             step_times = train_loop(p, logs, clock, end, progress)

@@ -63,3 +63,27 @@ else:
                              f"seed SD; the paper's one-run SSD-512 gain beside R1. {cfg.study.reduced}")
     study.save_figure(experiments.fe_readings_figure(per_seed), cfg, "fig_fe_readings")
 readings
+
+# %% [markdown]
+# ## Why: the train/test mismatch of each FE run (`cmbfe.mechanism`)
+#
+# For every FE run of Table 2 (and of the readings above): the conv4_3 head input with FE (training) against
+# without (test), inside and outside the GT boxes, and the training loss on a fixed batch with FE on and off
+# at the end of training (over training where the run logged `fe_gap.csv`). The predicted/GT box side at
+# test is in `05_evaluate` (`results/box_scale.md`).
+
+# %%
+from cmbfe import mechanism
+
+fe_runs = {f"SSD-FE {g['size']} seed {g['seed']}": study.ensure_run(study.grid_config(cfg, **g))
+           for g in study.main_grid(cfg) if g["fe"]}
+fe_runs |= {f"{a} seed {s}": study.ensure_run(config.with_overrides(cfg, {**experiments.FE_ARMS[a], "train.seed": s}))
+            for a in cfg.study.fe_arms if a != "no FE" for s in cfg.study.seeds}
+mech = mechanism.mechanism_table(cfg, fe_runs, pre)
+study.save_table(mech, cfg, "fe_mechanism",
+                 caption="FE runs: head input with FE (training) vs without (test), inside / outside the GT boxes, "
+                         f"and the fixed-batch training loss with FE on / off at the end. {cfg.study.reduced}")
+gap_fig = mechanism.plot_fe_gap(fe_runs)
+if gap_fig is not None:
+    study.save_figure(gap_fig, cfg, "fig_fe_gap")
+mech

@@ -24,7 +24,7 @@ LAYERS: dict[str, int] = {
     # training and inference
     "predict": 4, "train": 4, "detect": 4, "detect_io": 4, "detect_report": 4,
     # the study the notebooks run
-    "study": 5, "report": 5, "experiments": 5, "detect_model": 5,
+    "study": 5, "report": 5, "experiments": 5, "mechanism": 5, "detect_model": 5,
     # commands
     "reproduce": 6, "cli": 6,
 }

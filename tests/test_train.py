@@ -122,6 +122,10 @@ def test_resume_is_bit_identical(pre, tmp_path):
         for i, r in enumerate(_rows(tmp_path / "a" / "log.csv"))
     ]
     assert [int(r["iteration"]) for r in _rows(tmp_path / "b" / "val.csv")] == [3, 6]
+    # FE runs log the train/test gap on a fixed batch at every validation, without touching the training
+    gap_a, gap_b = _rows(tmp_path / "a" / "fe_gap.csv"), _rows(tmp_path / "b" / "fe_gap.csv")
+    assert [int(r["iteration"]) for r in gap_b] == [3, 6] and gap_a == gap_b
+    assert all(float(r["loss_fe_on"]) != float(r["loss_fe_off"]) for r in gap_a)
     final = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)
     assert final["iteration"] == 6 and final["scheduler"]["last_epoch"] == 6
 
