@@ -112,6 +112,9 @@ class ModelConfig:
     pretrained: bool = False  # ImageNet weights from the local torchvision cache only
     batch_norm: bool = False  # VGG-16 with BatchNorm after each conv (from scratch); ResNet/MobileNet always have BN
     score_thresh: float = 0.01
+    # inference: drop detections whose longer side exceeds this many mm (0: keep all). CMBs are 2-10 mm; the
+    # deepest maps of a tail trained on windows can emit slice-wide boxes on whole slices (docs/training.md)
+    max_box_mm: float = 0.0
     detections_per_img: int = 100
     nms_thresh: float = 0.45
 
@@ -389,6 +392,7 @@ def _rules(cfg: Config) -> list[tuple[bool, str, str, Any]]:
         (tr.warmup >= 0, "train.warmup", ">= 0", tr.warmup),
         (0 < tr.cosine_end <= 1, "train.cosine_end", "in (0, 1]", tr.cosine_end),
         (0 <= tr.lr_min < 1, "train.lr_min", "in [0, 1)", tr.lr_min),
+        (cfg.model.max_box_mm >= 0, "model.max_box_mm", ">= 0 (0: off)", cfg.model.max_box_mm),
         (tr.grad_clip >= 0, "train.grad_clip", ">= 0", tr.grad_clip),
         (0 <= tr.ema < 1, "train.ema", "in [0, 1)", tr.ema),
         (tr.weight_decay >= 0, "train.weight_decay", ">= 0", tr.weight_decay),

@@ -417,6 +417,21 @@ class CMBDetector(SSD):
         self.transform.min_size, self.transform.max_size, self.transform.fixed_size = (side,), side, (side, side)
         return self
 
+    def postprocess_detections(self, head_outputs: dict[str, Tensor], image_anchors: list[Tensor],
+                               image_shapes: list[tuple[int, int]]) -> list[dict[str, Tensor]]:
+        """torchvision's SSD post-processing, then ``model.max_box_mm``: detections whose longer side is above
+        it are dropped (boxes here are in network pixels of ``240 / size`` mm)."""
+        dets = super().postprocess_detections(head_outputs, image_anchors, image_shapes)
+        limit = self.model_cfg.max_box_mm
+        if limit > 0:
+            mm_px = FOV_MM / self.size
+            for d in dets:
+                side = torch.maximum(d["boxes"][:, 2] - d["boxes"][:, 0], d["boxes"][:, 3] - d["boxes"][:, 1])
+                keep = side * mm_px <= limit
+                for k in ("boxes", "scores", "labels"):
+                    d[k] = d[k][keep]
+        return dets
+
     def set_progress(self, t: float) -> None:
         """Set the training fraction ``t`` in [0, 1] that drives the FE alpha schedule."""
         self.progress = min(max(float(t), 0.0), 1.0)

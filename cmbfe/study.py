@@ -69,7 +69,8 @@ def ensure_data(cfg: Config, *, force: bool = False, progress: bool = True) -> P
 # Keys added to a section after runs were cached under run_key: at these values they train exactly what the
 # code did before they existed, so they are left out of the key and a cached run keeps its folder.
 KEY_NEUTRAL: dict[str, dict[str, Any]] = {"train": {"schedule": "step", "warmup": 0, "grad_clip": 0.0, "ema": 0.0,
-                                                   "cosine_end": 1.0, "lr_min": 0.0}}
+                                                   "cosine_end": 1.0, "lr_min": 0.0},
+                                         "model": {"max_box_mm": 0.0}}
 _TRAIN_FREE = ("workers", "log_every", "checkpoint_every", "device", "tensorboard")  # never change the weights
 
 

@@ -418,3 +418,19 @@ def test_mean_reading_changes_the_head_input_inside_boxes_only(placement):
     rows, cols = torch.nonzero(changed, as_tuple=True)
     assert (cols >= math.floor(b[0]) - 1).all() and (cols <= math.ceil(b[2]) + 1).all()
     assert (rows >= math.floor(b[1]) - 1).all() and (rows <= math.ceil(b[3]) + 1).all()
+
+
+def test_max_box_mm_drops_oversized_detections():
+    torch.manual_seed(0)
+    m = small()
+    m.eval()
+    img, _ = blob(128)
+    with torch.no_grad():
+        all_dets = m([img])[0]
+        m.model_cfg.max_box_mm = 8.0  # 240 / 128 = 1.875 mm per network (= image) px here: <= 4.27 px
+        kept = m([img])[0]
+    side = lambda b: torch.maximum(b[:, 2] - b[:, 0], b[:, 3] - b[:, 1])  # noqa: E731
+    assert len(all_dets["boxes"]) > len(kept["boxes"]) and (side(all_dets["boxes"]) > 8.0 / 1.875).any()
+    assert (side(kept["boxes"]) <= 8.0 / 1.875 + 1e-4).all()
+    big = side(all_dets["boxes"]) <= 8.0 / 1.875 + 1e-4
+    torch.testing.assert_close(kept["scores"], all_dets["scores"][big])  # the rest untouched, same order

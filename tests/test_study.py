@@ -28,7 +28,7 @@ THEN = {"fe.placement": "post_l2norm"}
 # and the default profile's training recipe of that commit (issue #9 changed the profile)
 THEN_PROFILE = {"default": {"model.train_crop": 256, "train.iterations": 400, "train.schedule": "step",
                             "train.warmup": 0, "train.grad_clip": 0.0, "train.val_every": -1,
-                            "train.cosine_end": 1.0, "train.lr_min": 0.0}}
+                            "train.cosine_end": 1.0, "train.lr_min": 0.0, "model.max_box_mm": 0.0}}
 PINNED = [
     ("smoke", "42dff1ecd035", {"size": 128, "fe": False, "seed": 0}, {}, "de2679faeb15"),
     ("smoke", "42dff1ecd035", {"size": 128, "fe": True, "seed": 0}, {}, "c133ec38ed29"),
