@@ -429,7 +429,7 @@ def test_max_box_mm_drops_oversized_detections():
         all_dets = m([img])[0]
         m.model_cfg.max_box_mm = 8.0  # 240 / 128 = 1.875 mm per network (= image) px here: <= 4.27 px
         kept = m([img])[0]
-    side = lambda b: torch.maximum(b[:, 2] - b[:, 0], b[:, 3] - b[:, 1])  # noqa: E731
+    side = lambda b: torch.maximum(b[:, 2] - b[:, 0], b[:, 3] - b[:, 1])
     assert len(all_dets["boxes"]) > len(kept["boxes"]) and (side(all_dets["boxes"]) > 8.0 / 1.875).any()
     assert (side(kept["boxes"]) <= 8.0 / 1.875 + 1e-4).all()
     big = side(all_dets["boxes"]) <= 8.0 / 1.875 + 1e-4
