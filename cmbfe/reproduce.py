@@ -116,12 +116,12 @@ def _stamp(cfg: Config, nb_path: Path, params: dict[str, Any]) -> str:
 
 def git_commit() -> str:
     """The repository's HEAD commit (``+dirty`` if tracked files other than the run's own outputs under
-    ``results/`` and ``figures/`` differ from it), or ``unknown``."""
+    ``results/``, ``figures/`` and ``models/`` differ from it), or ``unknown``."""
     try:
         rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True,
                              text=True, check=True).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
-                                ":(exclude)results", ":(exclude)figures"], cwd=REPO_ROOT,
+                                ":(exclude)results", ":(exclude)figures", ":(exclude)models"], cwd=REPO_ROOT,
                                capture_output=True, text=True, check=False).stdout.strip()
         return rev + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
