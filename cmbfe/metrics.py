@@ -393,6 +393,7 @@ def recall_by_size(gt: GroundTruth, m: Matching, bins_mm: tuple[float, ...] = SI
         raise ValueError(f"bins_mm must be increasing edges, got {bins_mm!r}")
     sp = gt.image_spacing[gt.box_image] if gt.n_gt else np.zeros((0, 2))
     side = np.maximum((gt.boxes[:, 2] - gt.boxes[:, 0]) * sp[:, 1], (gt.boxes[:, 3] - gt.boxes[:, 1]) * sp[:, 0])
+    side = np.round(side, 3)  # COCO stores 1e-4 px: a 2-mm side reads back as 1.99997 mm and belongs in [2, 3)
     found = np.zeros(gt.n_gt, dtype=bool)
     sel = m.gt_of_det >= 0 if keep is None else (m.gt_of_det >= 0) & np.asarray(keep, dtype=bool)
     found[m.gt_of_det[sel]] = True
