@@ -38,7 +38,12 @@ RECIPES: dict[str, list[str]] = {
                 "train.grad_clip=10.0", "model.train_crop=128"],
     # the default profile's recipe: cosine to 1 % of the LR by 80 % of training, then flat (the plateau window)
     "default": ["train.iterations=2000", "train.lr=0.003", "train.schedule=cosine", "train.warmup=100",
-                "train.cosine_end=0.8", "train.lr_min=0.01", "train.grad_clip=10.0", "model.train_crop=128"],
+                "train.cosine_end=0.8", "train.lr_min=0.01", "train.grad_clip=10.0", "model.train_crop=128",
+                "model.max_box_mm=20.0"],
+    # the default recipe at twice the iterations: does the last 20 % flatten?
+    "default4k": ["train.iterations=4000", "train.lr=0.003", "train.schedule=cosine", "train.warmup=100",
+                  "train.cosine_end=0.8", "train.lr_min=0.01", "train.grad_clip=10.0", "model.train_crop=128",
+                  "model.max_box_mm=20.0"],
     "cos128b8": ["train.iterations=2250", "train.batch_size=8", "train.lr=0.004", "train.schedule=cosine",
                  "train.warmup=100", "train.ema=0.997", "train.grad_clip=10.0", "model.train_crop=128"],
 }
