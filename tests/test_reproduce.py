@@ -20,15 +20,16 @@ def test_every_notebook_has_a_parameters_cell_with_profile_and_no_outputs():
         assert not any(c.get("outputs") for c in nb["cells"] if c["cell_type"] == "code"), p
 
 
-@pytest.mark.parametrize("profile", config.PROFILES)
-def test_profile_keys_match_parameter_cells(profile):
-    cfg = config.load(profile)
+@pytest.mark.parametrize("path", sorted(config.PARAMS_DIR.glob("*.yaml")), ids=lambda p: p.stem)
+def test_profile_keys_match_parameter_cells(path):
+    cfg = config.load(path)  # every params file, named profile or not
+    assert cfg.profile == path.stem
     reproduce.check_profile(cfg)  # raises on a misspelled key
 
 
-@pytest.mark.parametrize("profile", ["default", "paper"])
+@pytest.mark.parametrize("profile", ["default", "extended", "paper", "extended-seed0"])
 def test_train_runs_listed_in_profile_match_the_main_grid(profile):
-    cfg = config.load(profile)
+    cfg = config.load(profile if profile in config.PROFILES else config.PARAMS_DIR / f"{profile}.yaml")
     listed = cfg.notebooks.get("03_train", [])
     listed = listed if isinstance(listed, list) else [listed]
     assert sorted(map(json.dumps, listed)) == sorted(map(json.dumps, study.main_grid(cfg)))
