@@ -25,20 +25,19 @@ import torch
 from cmbfe.config import Config, load
 from cmbfe.data import SliceDataset
 from cmbfe.predict import load_model
-from cmbfe.train import FE_GAP_BATCH, fe_gap, window_px
+from cmbfe.train import FE_GAP_BATCH, fe_gap, fe_gap_batch, window_px
 
 
 def fixed_batch(cfg: Config, pre: Path, n: int = FE_GAP_BATCH) -> list[tuple[torch.Tensor, dict]]:
-    """The fixed training batch :mod:`cmbfe.train` logs ``fe_gap.csv`` on: the first ``n`` CMB slices of the
-    training pool, drawn with seeds ``0..n-1`` (augmentation and training window as in training)."""
+    """The fixed training batch :mod:`cmbfe.train` logs ``fe_gap.csv`` on (:func:`cmbfe.train.fe_gap_batch`),
+    rebuilt from a run's configuration."""
     from cmbfe.augment import build_augment
 
     aug = build_augment(cfg.augment) if cfg.augment.enabled else None
     ds = SliceDataset(pre, "train", augment=aug, negatives_ratio=cfg.train.negatives_ratio, seed=cfg.train.seed,
                       input=cfg.model.input)
     ds.window = window_px(cfg.model, ds)
-    pos = [i for i, im in enumerate(ds.images) if ds._has_cmb(im)][:n]
-    return [ds[(i, i)] for i in pos]
+    return fe_gap_batch(ds, n)
 
 
 @torch.no_grad()

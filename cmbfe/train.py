@@ -424,12 +424,18 @@ def build_parts(cfg: C.Config, out: Path, pre: Path, s: Session, *, resume: bool
                         persistent_workers=tc.workers > 0, pin_memory=s.device.type == "cuda")
     p.batches = iter(loader)
     if cfg.fe.enabled and s.main and tc.val_every >= 0:
-        pos = [i for i, im in enumerate(ds.images) if ds._has_cmb(im)][:FE_GAP_BATCH]
-        p.fixed = [ds[(i, i)] for i in pos]  # seeded draws: the training stream's RNG is untouched
+        p.fixed = fe_gap_batch(ds)
     return p
 
 
 FE_GAP_BATCH = 8
+
+
+def fe_gap_batch(ds: SliceDataset, n: int = FE_GAP_BATCH) -> list[tuple[Tensor, dict]]:
+    """The fixed batch of :func:`fe_gap`: the first ``n`` CMB slices of the training pool, drawn with seeds
+    ``0..n-1`` (augmentation and window as in training; seeded draws leave the training stream's RNG untouched)."""
+    pos = [i for i, im in enumerate(ds.images) if ds._has_cmb(im)][:n]
+    return [ds[(i, i)] for i in pos]
 FE_GAP_FIELDS = ["iteration", "alpha", "loss_fe_on", "loss_fe_off", "cls_fe_on", "cls_fe_off", "bbox_fe_on",
                  "bbox_fe_off"]
 
