@@ -4,14 +4,14 @@
         [--threshold T] [--repeats 1]
 
 The scans are patients of ``cmbfe.synth`` (default profile physics, 240 mm FOV, 2 mm slices; the slab is
-widened to ``--slices`` slices) written as DICOM series; ``cmbfe detect`` (``run_detect``) reads them, runs N4,
-the detector on every head slice, the 3D merging, and writes the mask, CSV, JSON and the PDF/HTML report.
+widened to ``--slices`` slices) written as DICOM series; ``cmbfe detect`` (``run_detect``) reads them, runs
+N4, the detector on every head slice, the 3D merging, and writes the mask, CSV, JSON and the PDF/HTML report.
 Stages (``report.json``'s ``timings_s``): read (DICOM), n4 (head mask + N4 + 8 bit), inference, merge, write
 (mask, CSV, JSON), report (PDF + HTML), plus model loading; ``end to end`` is the whole call.
 
 The model is ``--model`` or the shipped ``models/``; without one, the default profile's architecture with
-untrained weights at ``--threshold`` (default 0.9), which times inference exactly but not a realistic number of
-detections for the merge and the report (printed). Threads: ``--threads`` sets torch's (default: all cores,
+untrained weights at ``--threshold`` (default 0.9), which times inference exactly but not a realistic number
+of detections for the merge and the report (printed). Threads: ``--threads`` sets torch's (default: all cores,
 as a user's laptop would); N4 runs with the one ITK thread cmbfe uses everywhere (byte-identical slices).
 """
 
@@ -29,16 +29,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 
-from cmbfe import config
-from cmbfe.detect import DEFAULT_MODEL_DIR, Detector, load_detector, run_detect
-from cmbfe.io import write_dicom_series
+from cmbfe import config, modelfolder
+from cmbfe.detect.command import run_detect
+from cmbfe.detect.detector import Detector, load_detector
+from cmbfe.dicom_write import write_dicom_series
 from cmbfe.synth import synthesize_patient
 
 STAGES = ("load_model", "read", "n4", "inference", "merge", "write", "report")
 
 
 def detector(model: str | None, threshold: float | None) -> tuple[Detector, str]:
-    if model or (DEFAULT_MODEL_DIR / "model.pt").is_file():
+    if model or (modelfolder.DEFAULT_DIR / modelfolder.WEIGHTS).is_file():
         det = load_detector(model, threshold=threshold)
         return det, f"{det.path} (threshold {det.threshold:.3g}, {det.threshold_source})"
     from cmbfe.models import build_model
@@ -53,13 +54,15 @@ def detector(model: str | None, threshold: float | None) -> tuple[Detector, str]
 
 def scan(root: Path, size: int, slices: int) -> Path:
     top = 76.0  # the default slab's top (MNI z, mm); widened downwards to ``slices`` 2-mm slices
-    cfg = config.from_dict({"synth": {**config.load("default").to_dict()["synth"], "matrix": size, "workers": 1,
-                                      "seed": 424242, "z_range_mm": [top - 2.0 * slices, top]}}).synth
+    synth = config.load("default").to_dict()["synth"]
+    cfg = config.from_dict({"synth": {**synth, "matrix": size, "workers": 1, "seed": 424242,
+                                      "z_range_mm": [top - 2.0 * slices, top]}}).synth
     t0 = time.perf_counter()
     vol = synthesize_patient(0, cfg)
     folder = root / f"scan{size}"
     write_dicom_series(vol, folder, uid_seed=f"bench-{size}")
-    print(f"  synthesised {size}^2 x {vol.shape[0]} ({len(vol.lesions)} CMBs) in {time.perf_counter() - t0:.1f} s")
+    print(f"  synthesised {size}^2 x {vol.shape[0]} ({len(vol.lesions)} CMBs) in "
+          f"{time.perf_counter() - t0:.1f} s")
     return folder
 
 
@@ -97,7 +100,8 @@ def main() -> int:
     print("|---|" + "---|" * (len(STAGES) + 1))
     for size, r, t, wall in rows:
         nz = r["scan"]["shape_kji"][0]
-        print(f"| {size}^2 x {nz} | " + " | ".join(f"{t.get(s, 0):.1f}" for s in STAGES) + f" | **{wall:.1f} s** |")
+        cells = " | ".join(f"{t.get(s, 0):.1f}" for s in STAGES)
+        print(f"| {size}^2 x {nz} | {cells} | **{wall:.1f} s** |")
     return 0
 
 

@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
 
     def step(fe: bool) -> float:
-        model.fe_cfg.enabled = fe
+        model.fe.enabled = fe
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()

@@ -29,7 +29,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cmbfe import config
-from cmbfe.io import write_dicom_series
+from cmbfe.dicom_write import write_dicom_series
 from cmbfe.preprocess import head_mask, n4, preprocess_cohort
 from cmbfe.volume import Lesion, Volume
 

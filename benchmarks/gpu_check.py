@@ -59,8 +59,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_fe_overhead import synthetic_batch  # this folder
 
 from cmbfe import config as C
-from cmbfe import paper
 from cmbfe.models import build_model
+from cmbfe.study import paper
 from cmbfe.train import _train_step, build_optimizer, step_time
 from cmbfe.utils import atomic_write_text
 

@@ -36,7 +36,7 @@ RECIPES: dict[str, list[str]] = {
     # the candidate default: 128-px windows, warm-up + cosine, no EMA (EMA lags a fast-moving model badly)
     "cos128s": ["train.iterations=1500", "train.lr=0.003", "train.schedule=cosine", "train.warmup=100",
                 "train.grad_clip=10.0", "model.train_crop=128"],
-    # the default profile's recipe: cosine to 1 % of the LR by 80 % of training, then flat (the plateau window)
+    # the default profile's recipe: cosine to 1 % of the LR by 80 % of training, then flat (plateau window)
     "default": ["train.iterations=2000", "train.lr=0.003", "train.schedule=cosine", "train.warmup=100",
                 "train.cosine_end=0.8", "train.lr_min=0.01", "train.grad_clip=10.0", "model.train_crop=128",
                 "model.max_box_mm=20.0"],

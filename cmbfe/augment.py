@@ -13,8 +13,8 @@ The policy, applied in this order, each step independently with its probability 
 
 Boxes are ``xyxy`` in continuous pixel coordinates (``tv_tensors.BoundingBoxes``, format XYXY). They follow
 the geometry; a rotated box becomes the axis-aligned box of its rotated corners. After the affine step boxes
-are clipped to the image (``ClampBoundingBoxes``) and boxes narrower/shorter than 1 px or with area < 1 px^2 are
-dropped together with their labels (``SanitizeBoundingBoxes``). Images with no boxes pass through.
+are clipped to the image (``ClampBoundingBoxes``) and boxes narrower/shorter than 1 px or with area < 1 px^2
+are dropped together with their labels (``SanitizeBoundingBoxes``). Images with no boxes pass through.
 
 Randomness: every step draws from torch's global CPU generator. Pass ``seed=`` to :meth:`Augment.__call__`
 to make one call reproducible independently of any other state (the generator is forked, seeded, and

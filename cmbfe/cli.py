@@ -19,8 +19,9 @@ COMMANDS = {
     "train": ("cmbfe.train", "train an SSD (optionally with feature enhancement)"),
     "predict": ("cmbfe.predict", "run a trained checkpoint on a split and write COCO detections"),
     "evaluate": ("cmbfe.evaluate", "AP, sensitivity/precision, FROC, FP/CMB, bootstrap CIs"),
-    "reproduce": ("cmbfe.reproduce", "run the numbered notebooks for a profile with papermill"),
-    "detect": ("cmbfe.detect", "a scan (DICOM/NIfTI) or a folder of patients in, CMB list + mask + report out"),
+    "reproduce": ("cmbfe.study.reproduce", "run the numbered notebooks for a profile with papermill"),
+    "detect": ("cmbfe.detect.command",
+               "a scan (DICOM/NIfTI) or a folder of patients in, CMB list + mask + report out"),
 }
 
 

@@ -1,13 +1,13 @@
 """One typed configuration for every stage, loaded from ``params/*.yaml`` and validated.
 
-A profile file is a mapping of sections (``synth``, ``preprocess``, ``model``, ``fe``, ``augment``,
-``train``, ``eval``, ``study``, ``notebooks``). Every key is checked against the dataclasses below:
-an unknown key is an error that names it (``train.iteratons``), a wrong type likewise; a choice is a
-``Literal`` type (the one list of its allowed values), and every other value check is in :func:`validate`,
-so a bad value fails at load with one :class:`ConfigError` line naming the key. Files are read with
-``yaml.safe_load``. Overrides use one syntax everywhere, dotted keys: ``--set train.iterations=200``
-(values parsed as YAML scalars) and ``with_overrides(cfg, {"train.iterations": 200})`` (Python values),
-as do ``study.secondary`` and the study's grids.
+A profile file is a mapping of sections (``synth``, ``holdout``, ``preprocess``, ``model``, ``fe``,
+``augment``, ``train``, ``eval``, ``study``, ``notebooks``). Every key is checked against the dataclasses
+below: an unknown key is an error that names it (``train.iteratons``), a wrong type likewise; a choice is a
+``Literal`` type (the one list of its allowed values; the type checks are :mod:`cmbfe.coerce`), and every
+other value check is in :func:`validate`, so a bad value fails at load with one :class:`ConfigError` line
+naming the key. Files are read with ``yaml.safe_load``. Overrides use one syntax everywhere, dotted keys:
+``--set train.iterations=200`` (values parsed as YAML scalars) and ``with_overrides(cfg, {"train.iterations":
+200})`` (Python values), as do ``study.secondary`` and the study's grids.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ from typing import Any, Literal
 
 import yaml
 
+from cmbfe.coerce import build, set_dotted
 from cmbfe.errors import ConfigError
 from cmbfe.utils import atomic_write_text
 
@@ -62,7 +62,8 @@ class SynthConfig:
     z_range_mm: tuple[float, float] = (-50.0, 76.0)  # MNI z covered by the slab (cerebellum to vertex)
     field_t: float = 3.0
     te_ms: float = 20.0
-    cmb_mean: float = 11.0  # mean CMBs per CMB-bearing patient, before the cap (58 patients -> ~1300 per-slice boxes)
+    # mean CMBs per CMB-bearing patient, before the cap (58 patients -> ~1300 per-slice boxes)
+    cmb_mean: float = 11.0
     p_no_cmb: float = 0.1  # fraction of patients without CMBs
     cmb_dispersion: float = 0.3  # negative-binomial shape of the per-patient count (small = skewed)
     cmb_max: int = 150  # cap on CMBs per patient
@@ -76,6 +77,15 @@ class SynthConfig:
     bias_strength: tuple[float, float] = (0.3, 0.6)
     warp_mm: float = 3.0  # amplitude of the random smooth deformation of the template
     workers: int = 2
+
+
+@dataclass
+class HoldoutConfig:
+    """An untouched second test cohort: the ``synth`` generator and ``preprocess`` labels with its own seed,
+    patients ``HOLD-0001`` ... in one split ``holdout`` built as ``test`` is (:mod:`cmbfe.holdout`)."""
+
+    patients: int = 17  # 0: none in this profile
+    seed: int = 1000  # != synth.seed (patient i of seed s is the same patient in both cohorts)
 
 
 @dataclass
@@ -110,11 +120,15 @@ class ModelConfig:
     input: InputKind = "gray3"  # gray3 (slice replicated) | 2.5d (slices z-1, z, z+1)
     width: float = 1.0  # channel-width multiplier (<1 for CPU profiles)
     pretrained: bool = False  # ImageNet weights from the local torchvision cache only
-    batch_norm: bool = False  # VGG-16 with BatchNorm after each conv (from scratch); ResNet/MobileNet always have BN
+    # VGG-16 with BatchNorm after each conv (from scratch); ResNet/MobileNet always have BN
+    batch_norm: bool = False
     score_thresh: float = 0.01
     # inference: drop detections whose longer side exceeds this many mm (0: keep all). CMBs are 2-10 mm; the
     # deepest maps of a tail trained on windows can emit slice-wide boxes on whole slices (docs/training.md)
     max_box_mm: float = 0.0
+    # > 0: only the first (finest) ``heads`` source maps, deeper ones not built (0: all). SSD-512 on 128-px
+    # windows, 'cmb' priors: heads 3 = maps 64/32/16 px, priors 3.75/7.5/15/15 mm (fit 2-10 mm CMBs)
+    heads: int = 0
     detections_per_img: int = 100
     nms_thresh: float = 0.45
 
@@ -127,8 +141,9 @@ class FEConfig:
     beta: float = 1.5
     alpha: float = 1.0
     schedule: FESchedule = "constant"  # constant (paper) | cosine (decay 1 -> 0 over training)
-    # pre_l2norm (R1, paper-literal: inline on the trunk before the conv4_3 L2Norm) | post_l2norm (R2: the head
-    # sees FE, a train-only magnitude cue that leaks the label; an ablation arm). README, "Feature enhancement"
+    # pre_l2norm (R1, paper-literal: inline on the trunk before the conv4_3 L2Norm) | post_l2norm (R2: the
+    # head sees FE, a train-only magnitude cue that leaks the label; an ablation arm). README, "Feature
+    # enhancement". The one check of this choice is its type (cmbfe.fe and cmbfe.backbones trust it).
     placement: FEPlacement = "pre_l2norm"
     # fe: X + a*M*X (paper) | l2n: X + a*M*L2Norm_c(X) (R3, the intro's sentence) | mean: X + a*M*mean_c(X)
     # (R4, graded mask) | ae: X + a*[M>0]*mean_c(X) (Assisted Excitation; as published with schedule: cosine)
@@ -154,7 +169,8 @@ class AugmentConfig:
 
 @dataclass
 class TrainConfig:
-    """Adam with the paper's step schedule scaled to ``iterations``."""
+    """Adam with the paper's step schedule (or a cosine one) scaled to ``iterations``; optional warm-up,
+    gradient clipping and weight averaging (:mod:`cmbfe.train`)."""
 
     iterations: int = 120000
     batch_size: int = 4
@@ -180,6 +196,8 @@ class TrainConfig:
     checkpoint_every: int = 1000
     log_every: int = 50
     val_every: int = 0  # 0: only at the end; -1: never
+    # > 0: in-loop validations on a fixed subset of this many val slices (data.val_subset), the final one on
+    val_subset: int = 0  # the whole split (+ the subset; val.csv column subset 1/0); weights do not change
     device: Device = "auto"
     tensorboard: bool = False
 
@@ -208,12 +226,13 @@ class StudyConfig:
     timing_batch: int = 8
     timing_repeats: int = 5
     timing_iterations: int = 0  # 0: same as train.iterations (Table 3 precision columns)
-    timing_precision: bool = True  # false: Table 3 times the steps only, trains no model (profile `extended` does)
+    # false: Table 3 times the steps only, trains no model (profile `extended` does)
+    timing_precision: bool = True
     ablations: tuple[Ablation, ...] = ("placement", "schedule", "variant", "priors", "input")
     ablation_iterations: int = 0  # 0: same as train.iterations
     ablation_seeds: int = 1  # how many of ``seeds`` each ablation setting is trained with
-    # FE readings compared with SSD (issue #10; experiments.FE_ARMS), each trained with every seed of ``seeds``
-    # on the main recipe; () runs none (the default profile: profile `extended` runs them)
+    # FE readings compared with SSD (issue #10; experiments.FE_ARMS), each trained with every seed of
+    # ``seeds`` on the main recipe; () runs none (the default profile: profile `extended` runs them)
     fe_arms: tuple[FEArm, ...] = ()
     reduced: str = ""  # what this profile reduces relative to the paper (printed in captions)
     # overrides (``section.key: value``) for the cross-validation, Table 3 and ablation runs, e.g. a cheaper
@@ -229,6 +248,7 @@ class Config:
     profile: str = "custom"
     data_dir: str = "data/{profile}"
     synth: SynthConfig = field(default_factory=SynthConfig)
+    holdout: HoldoutConfig = field(default_factory=HoldoutConfig)
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     fe: FEConfig = field(default_factory=FEConfig)
@@ -261,6 +281,10 @@ class Config:
         """The preprocessed slices and COCO files: ``data_path()/pre``."""
         return self.data_path() / "pre"
 
+    def holdout_path(self) -> Path:
+        """The hold-out cohort (``holdout`` section): ``data_path()/holdout/{raw,pre}``."""
+        return self.data_path() / "holdout"
+
     def runs_path(self) -> Path:
         """Trained runs of this profile: ``runs/<profile>/`` under the repo root."""
         return REPO_ROOT / "runs" / self.profile
@@ -274,87 +298,19 @@ class Config:
         return REPO_ROOT / "figures" / ("" if self.profile == COMMITTED_PROFILE else self.profile)
 
 
-def _coerce(value: Any, tp: Any, where: str) -> Any:
-    """Check/convert ``value`` to annotation ``tp``; raise ConfigError naming ``where``."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
-        return _build(tp, value, where)
-    if origin in (types.UnionType, typing.Union):
-        errors = []
-        for a in args:
-            try:
-                return _coerce(value, a, where)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(f"{where}: {value!r} matches none of {tp}")
-    if tp is Any:
-        return value
-    if origin is Literal:
-        if isinstance(value, bool) or value not in args:
-            raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(str, args))}")
-        return value
-    if tp is type(None):
-        if value is not None:
-            raise ConfigError(f"{where}: expected null")
-        return None
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
-        if len(value) != len(args):
-            raise ConfigError(f"{where}: expected {len(args)} values, got {len(value)}")
-        return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-        return {str(k): _coerce(v, args[1], f"{where}.{k}") for k, v in value.items()}
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true/false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
-        return value
-    raise ConfigError(f"{where}: unsupported type {tp}")
+Rule = tuple[bool, str, str, Any]  # (ok, key, expected, value)
 
 
-def _build(cls: type, data: dict[str, Any], where: str) -> Any:
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for key, value in data.items():
-        path = f"{where}.{key}" if where else str(key)
-        if key not in names:
-            raise ConfigError(f"unknown key '{path}' (allowed: {', '.join(sorted(names))})")
-        kwargs[key] = _coerce(value, hints[key], path)
-    return cls(**kwargs)
-
-
-def _rules(cfg: Config) -> list[tuple[bool, str, str, Any]]:
-    """``(ok, key, expected, value)`` for every value check the types cannot express."""
-    sy, pp, m, fe, au, tr, ev, st = (cfg.synth, cfg.preprocess, cfg.model, cfg.fe, cfg.augment, cfg.train,
-                                      cfg.eval, cfg.study)
+def _data_rules(sy: SynthConfig, pp: PreprocessConfig, ho: HoldoutConfig) -> list[Rule]:
+    """Value checks of the ``synth``, ``preprocess`` and ``holdout`` sections."""
     lo, hi = pp.clip_percentiles
     ratios = list(pp.split_ratios.values())
-    rules = [
+    return [
         (sy.patients >= 1, "synth.patients", ">= 1", sy.patients),
         (sy.matrix >= 16, "synth.matrix", ">= 16", sy.matrix),
         (sy.fov_mm > 0 and sy.slice_mm > 0, "synth.fov_mm/slice_mm", "> 0", (sy.fov_mm, sy.slice_mm)),
-        (set(pp.split_ratios) == {"train", "val", "test"}, "preprocess.split_ratios", "exactly train, val, test",
-         pp.split_ratios),
+        (set(pp.split_ratios) == {"train", "val", "test"}, "preprocess.split_ratios",
+         "exactly train, val, test", pp.split_ratios),
         (bool(ratios) and min(ratios) >= 0 and sum(ratios) > 0, "preprocess.split_ratios",
          ">= 0 with a positive sum", pp.split_ratios),
         (bool(pp.n4_iterations) and min(pp.n4_iterations) >= 0, "preprocess.n4_iterations",
@@ -363,7 +319,15 @@ def _rules(cfg: Config) -> list[tuple[bool, str, str, Any]]:
         (0 <= lo < hi <= 100, "preprocess.clip_percentiles", "0 <= low < high <= 100", pp.clip_percentiles),
         (min(pp.test_negatives_ratio, pp.val_negatives_ratio) >= 0, "preprocess.*_negatives_ratio", ">= 0",
          (pp.val_negatives_ratio, pp.test_negatives_ratio)),
-        (0 <= pp.brain_min_fraction <= 1, "preprocess.brain_min_fraction", "in [0, 1]", pp.brain_min_fraction),
+        (0 <= pp.brain_min_fraction <= 1, "preprocess.brain_min_fraction", "[0, 1]", pp.brain_min_fraction),
+        (ho.patients >= 0, "holdout.patients", ">= 0 (0: no hold-out cohort)", ho.patients),
+        (ho.seed != sy.seed, "holdout.seed", f"!= synth.seed={sy.seed} (else: its patients)", ho.seed),
+    ]
+
+
+def _model_rules(m: ModelConfig, fe: FEConfig, au: AugmentConfig) -> list[Rule]:
+    """Value checks of the ``model``, ``fe`` and ``augment`` sections."""
+    return [
         (m.size >= 128, "model.size", ">= 128 (multiples of 32, or 300)", m.size),
         (m.train_crop == 0 or 128 <= m.train_crop < m.size, "model.train_crop",
          f"0 or in [128, model.size={m.size})", m.train_crop),
@@ -374,6 +338,8 @@ def _rules(cfg: Config) -> list[tuple[bool, str, str, Any]]:
         (0 <= m.score_thresh <= 1, "model.score_thresh", "in [0, 1]", m.score_thresh),
         (0 < m.nms_thresh <= 1, "model.nms_thresh", "in (0, 1]", m.nms_thresh),
         (m.detections_per_img >= 1, "model.detections_per_img", ">= 1", m.detections_per_img),
+        (m.max_box_mm >= 0, "model.max_box_mm", ">= 0 (0: off)", m.max_box_mm),
+        (m.heads == 0 or m.heads >= 3, "model.heads", "0 (all maps) or >= 3 (priors need 3)", m.heads),
         (fe.alpha >= 0, "fe.alpha", ">= 0", fe.alpha),
         (fe.beta > 0, "fe.beta", "> 0", fe.beta),
         (all(0 <= p <= 1 for p in (au.hflip, au.vflip, au.p_intensity, au.p_blur, au.p_affine)),
@@ -384,6 +350,12 @@ def _rules(cfg: Config) -> list[tuple[bool, str, str, Any]]:
         (0 < au.scale[0] <= au.scale[1], "augment.scale", "0 < low <= high", au.scale),
         (au.translate_px >= 0 and au.rotate_deg >= 0, "augment.translate_px/rotate_deg", ">= 0",
          (au.translate_px, au.rotate_deg)),
+    ]
+
+
+def _train_rules(tr: TrainConfig, ev: EvalConfig) -> list[Rule]:
+    """Value checks of the ``train`` and ``eval`` sections."""
+    return [
         (tr.iterations >= 1, "train.iterations", ">= 1", tr.iterations),
         (tr.batch_size >= 1, "train.batch_size", ">= 1", tr.batch_size),
         (tr.lr > 0 and math.isfinite(tr.lr), "train.lr", "> 0", tr.lr),
@@ -392,7 +364,6 @@ def _rules(cfg: Config) -> list[tuple[bool, str, str, Any]]:
         (tr.warmup >= 0, "train.warmup", ">= 0", tr.warmup),
         (0 < tr.cosine_end <= 1, "train.cosine_end", "in (0, 1]", tr.cosine_end),
         (0 <= tr.lr_min < 1, "train.lr_min", "in [0, 1)", tr.lr_min),
-        (cfg.model.max_box_mm >= 0, "model.max_box_mm", ">= 0 (0: off)", cfg.model.max_box_mm),
         (tr.grad_clip >= 0, "train.grad_clip", ">= 0", tr.grad_clip),
         (0 <= tr.ema < 1, "train.ema", "in [0, 1)", tr.ema),
         (tr.weight_decay >= 0, "train.weight_decay", ">= 0", tr.weight_decay),
@@ -402,10 +373,17 @@ def _rules(cfg: Config) -> list[tuple[bool, str, str, Any]]:
         (tr.checkpoint_every >= 0, "train.checkpoint_every", ">= 0", tr.checkpoint_every),
         (tr.log_every >= 0, "train.log_every", ">= 0", tr.log_every),
         (tr.val_every >= -1, "train.val_every", ">= -1", tr.val_every),
+        (tr.val_subset >= 0, "train.val_subset", ">= 0 (0: the whole val split)", tr.val_subset),
         (0 < ev.iou <= 1, "eval.iou", "in (0, 1]", ev.iou),
         (ev.radius_mm > 0, "eval.radius_mm", "> 0", ev.radius_mm),
         (ev.bootstrap >= 0, "eval.bootstrap", ">= 0", ev.bootstrap),
         (0 < ev.ci < 1, "eval.ci", "in (0, 1)", ev.ci),
+    ]
+
+
+def _study_rules(st: StudyConfig, notebooks: dict[str, Any]) -> list[Rule]:
+    """Value checks of the ``study`` and ``notebooks`` sections."""
+    rules: list[Rule] = [
         (len(st.seeds) >= 1, "study.seeds", "at least one seed", st.seeds),
         (all(s >= 128 for s in st.sizes), "study.sizes", "each >= 128", st.sizes),
         (st.folds == 0 or st.folds >= 2, "study.folds", "0 (none) or >= 2", st.folds),
@@ -421,11 +399,17 @@ def _rules(cfg: Config) -> list[tuple[bool, str, str, Any]]:
         ok = name in typing.get_args(Backbone) and size.isdigit() and int(size) >= 128
         want = f"'backbone:size' entries, backbone one of {', '.join(typing.get_args(Backbone))}, size >= 128"
         rules.append((ok, "study.timing_backbones", want, spec))
-    for name, value in cfg.notebooks.items():
+    for name, value in notebooks.items():
         runs = value if isinstance(value, list) else [value]
         rules.append((bool(runs) and all(isinstance(r, dict) for r in runs), f"notebooks.{name}",
                       "a mapping of parameters or a list of them", value))
     return rules
+
+
+def _rules(cfg: Config) -> list[Rule]:
+    """``(ok, key, expected, value)`` for every value check the types cannot express, section by section."""
+    return (_data_rules(cfg.synth, cfg.preprocess, cfg.holdout) + _model_rules(cfg.model, cfg.fe, cfg.augment)
+            + _train_rules(cfg.train, cfg.eval) + _study_rules(cfg.study, cfg.notebooks))
 
 
 def validate(cfg: Config) -> Config:
@@ -439,8 +423,8 @@ def validate(cfg: Config) -> Config:
         data["study"]["secondary"] = {}
         try:
             for key, value in cfg.study.secondary.items():
-                _set_dotted(data, key, copy.deepcopy(value))
-            validate(_build(Config, data, ""))
+                set_dotted(data, key, copy.deepcopy(value))
+            validate(build(Config, data, ""))
         except ConfigError as e:
             raise ConfigError(f"study.secondary: {e} (keys are section.key, e.g. model.size)") from None
     return cfg
@@ -449,7 +433,7 @@ def validate(cfg: Config) -> Config:
 def check(section: Any, name: str) -> Any:
     """Validate one section built in code (``check(ModelConfig(size=96), "model")``) as :func:`load`
     validates a file: types, choices and values; returns ``section``; :class:`ConfigError` naming the key."""
-    validate(_build(Config, {name: dataclasses.asdict(section)}, ""))
+    validate(build(Config, {name: dataclasses.asdict(section)}, ""))
     return section
 
 
@@ -458,20 +442,9 @@ def from_dict(data: dict[str, Any], source: str = "<dict>") -> Config:
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: top level must be a mapping")
     try:
-        return validate(_build(Config, data, ""))
+        return validate(build(Config, data, ""))
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
-
-
-def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
-    """Set ``data[a][b][c] = value`` for dotted ``key`` ``a.b.c`` (sections created as needed)."""
-    parts = key.strip().split(".")
-    node = data
-    for p in parts[:-1]:
-        node = node.setdefault(p, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"{key}: '{p}' is not a section")
-    node[parts[-1]] = value
 
 
 def set_override(data: dict[str, Any], assignment: str) -> None:
@@ -486,7 +459,7 @@ def set_override(data: dict[str, Any], assignment: str) -> None:
         except ValueError:
             pass
     try:
-        _set_dotted(data, key, value)
+        set_dotted(data, key, value)
     except ConfigError as e:
         raise ConfigError(f"--set {assignment!r}: {e}") from None
 
@@ -496,7 +469,7 @@ def with_overrides(cfg: Config, overrides: Mapping[str, Any]) -> Config:
     keys), e.g. ``with_overrides(cfg, {"fe.enabled": True, "train.seed": 1})``."""
     data = copy.deepcopy(cfg.to_dict())
     for key, value in overrides.items():
-        _set_dotted(data, key, copy.deepcopy(value))
+        set_dotted(data, key, copy.deepcopy(value))
     return from_dict(data, f"{cfg.profile}+overrides")
 
 

@@ -1,4 +1,4 @@
-"""Torch data loading over the preprocessed slices (``PRE/images``) and COCO files (``PRE/annotations``).
+"""Torch data loading over a preprocessed-data folder (:class:`cmbfe.datadir.DataDir`: slices and COCO files).
 
 A sample is ``(image, target)``: ``image`` a float32 tensor [3, H, W] in [0, 1] (8-bit PNG / 255) in the PNG's
 pixel frame; ``target = {"boxes": [N, 4] float32 xyxy pixels, "labels": [N] int64 (all 1 = cmb),
@@ -19,7 +19,6 @@ sees exactly the batches an uninterrupted one would.
 
 from __future__ import annotations
 
-import json
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -31,28 +30,14 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset, Sampler
 
-from cmbfe.augment import random_window
+from cmbfe.augment import build_augment, random_window
 from cmbfe.boxes import xywh_to_xyxy
-from cmbfe.config import InputKind
+from cmbfe.config import Config, InputKind, ModelConfig
+from cmbfe.datadir import DataDir
 from cmbfe.errors import ConfigError, InputError
 
 INPUTS: tuple[str, ...] = get_args(InputKind)
 Target = dict[str, Any]
-
-
-def load_coco(pre_dir: Path, split: str) -> dict[str, Any]:
-    """Read ``PRE/annotations/{split}.json``; :class:`InputError` naming the file if missing or invalid."""
-    path = Path(pre_dir) / "annotations" / f"{split}.json"
-    if not path.is_file():
-        raise InputError(f"{path}: COCO annotation file not found (run 'cmbfe preprocess' first?)")
-    try:
-        coco = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise InputError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(coco, dict) or "images" not in coco:
-        raise InputError(f"{path}: not a COCO file (no 'images')")
-    coco.setdefault("annotations", [])
-    return coco
 
 
 def read_png(path: Path) -> np.ndarray:
@@ -120,19 +105,20 @@ class SliceDataset(Dataset):
         if input not in INPUTS:
             raise ConfigError(f"model.input: {input!r} is not one of {', '.join(INPUTS)}")
         self.pre_dir = Path(pre_dir)
+        self.data = DataDir(self.pre_dir)
         self.split = split
         self.input = input
         self.augment = augment
         self.window, self.window_positive = int(window), float(window_positive)
-        self.coco = load_coco(self.pre_dir, split)
+        self.coco = self.data.coco(split)
         self._cache = _LRU(cache)
         by_image: dict[int, list[dict[str, Any]]] = {}
         for a in self.coco["annotations"]:
             by_image.setdefault(int(a["image_id"]), []).append(a)
         self._anns = by_image
         images = sorted(self.coco["images"], key=lambda im: int(im["id"]))
-        positives = [im for im in images if self._has_cmb(im)]
-        negatives = [im for im in images if not self._has_cmb(im)]
+        positives = [im for im in images if self.has_cmb(im)]
+        negatives = [im for im in images if not self.has_cmb(im)]
         if negatives_ratio is not None and negatives:
             n = min(len(negatives), round(negatives_ratio * len(positives)))
             pick = np.random.default_rng(seed).choice(len(negatives), size=n, replace=False)
@@ -141,16 +127,17 @@ class SliceDataset(Dataset):
         self.n_positive = len(positives)
         self.n_negative = len(negatives)
 
-    def _has_cmb(self, im: dict[str, Any]) -> bool:
+    def has_cmb(self, im: dict[str, Any]) -> bool:
+        """Whether COCO image ``im`` holds a CMB (an annotation, or ``has_cmb`` set by preprocessing)."""
         return bool(self._anns.get(int(im["id"]))) or bool(im.get("has_cmb", False))
 
     def __len__(self) -> int:
         return len(self.images)
 
     def _slice_path(self, im: dict[str, Any], z: int) -> Path:
+        own = self.data.image_path(im["file_name"])
         if z == int(im.get("slice_index", z)):
-            return self.pre_dir / "images" / im["file_name"]
-        own = self.pre_dir / "images" / im["file_name"]
+            return own
         return own.parent / f"z{z:04d}{own.suffix}"  # neighbours share the slice's format (png or jpg)
 
     def load_image(self, index: int) -> Tensor:
@@ -162,7 +149,7 @@ class SliceDataset(Dataset):
             return t.unsqueeze(0).expand(3, -1, -1).contiguous()
         if "slice_index" not in im or "n_slices" not in im:
             raise InputError(
-                f"{self.pre_dir}/annotations/{self.split}.json: image {im['id']} lacks "
+                f"{self.data.split_path(self.split)}: image {im['id']} lacks "
                 "slice_index/n_slices needed for input '2.5d'"
             )
         z, n = int(im["slice_index"]), int(im["n_slices"])
@@ -211,6 +198,46 @@ def collate_fn(batch: list[tuple[Tensor, Target]]) -> tuple[list[Tensor], list[T
     """Keep images and targets as lists (the detector takes ``list[Tensor[3,H,W]]``)."""
     images, targets = zip(*batch) if batch else ((), ())
     return list(images), list(targets)
+
+
+def targets_to(targets: list[Target], device: torch.device) -> list[Target]:
+    """Targets with their tensors moved to ``device`` (non-blocking)."""
+    return [
+        {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in t.items()}
+        for t in targets
+    ]
+
+
+def window_px(model_cfg: ModelConfig, ds: SliceDataset) -> int:
+    """Training-window side in slice pixels for ``model.train_crop`` (0: whole slices).
+
+    A window of ``train_crop * W / size`` px is resized to ``train_crop`` network px, the pixel scale of a
+    whole ``W``-px slice at ``size``. All images of the split must share one square size.
+    """
+    if not model_cfg.train_crop:
+        return 0
+    sizes = {(int(im["width"]), int(im["height"])) for im in ds.images}
+    if len(sizes) != 1 or len({*next(iter(sizes))}) != 1:
+        raise InputError(f"{ds.data.split_path(ds.split)}: model.train_crop needs square slices of "
+                         f"one size, found {sorted(sizes)[:4]}")
+    side = next(iter(sizes))[0]
+    return max(1, round(model_cfg.train_crop * side / model_cfg.size))
+
+
+def training_dataset(cfg: Config, pre_dir: Path | str, *, augment: bool = True,
+                     negatives: bool = True) -> SliceDataset:
+    """The train split of ``pre_dir`` as training draws it (the one place that builds it): ``model.input``,
+    ``augment`` section (when enabled), ``train.negatives_ratio`` CMB-free slices drawn with ``train.seed``,
+    ``train.cache`` and the ``model.train_crop`` window (:func:`window_px`).
+
+    ``augment=False`` leaves augmentation off, ``negatives=False`` keeps only CMB slices (a fixed batch for
+    timing a training step)."""
+    tc = cfg.train
+    aug = build_augment(cfg.augment) if augment and cfg.augment.enabled else None
+    ds = SliceDataset(pre_dir, "train", input=cfg.model.input, augment=aug,
+                      negatives_ratio=tc.negatives_ratio if negatives else 0, seed=tc.seed, cache=tc.cache)
+    ds.window = window_px(cfg.model, ds)
+    return ds
 
 
 def draw_seed(seed: int, position: int) -> int:

@@ -61,7 +61,8 @@ def _finite_boxes(raw: list, source: str, what: str) -> np.ndarray:
         for i, b in enumerate(raw):
             if (not isinstance(b, (list, tuple)) or len(b) != 4
                     or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in b)):
-                raise InputError(f"{source}: {what}[{i}].bbox must be 4 numbers [x, y, w, h], got {b!r}") from None
+                raise InputError(f"{source}: {what}[{i}].bbox must be 4 numbers [x, y, w, h], "
+                                 f"got {b!r}") from None
         raise InputError(f"{source}: {what} bboxes are malformed") from None
     if not _numeric_types({type(v) for b in raw for v in b}):  # no strings/bools sneaking through numpy
         i = next(k for k, b in enumerate(raw) if not _numeric_types({type(v) for v in b}))
@@ -170,7 +171,8 @@ def dets_from_coco(obj: Any, gt: M.GroundTruth, source: str = "<dets>",
     except (KeyError, TypeError):
         i = next(k for k, v in enumerate(img)
                  if isinstance(v, bool) or not isinstance(v, (int, float)) or v not in row)
-        raise InputError(f"{source}: detections[{i}].image_id {img[i]!r} is not an image id of the GT") from None
+        raise InputError(f"{source}: detections[{i}].image_id {img[i]!r} is not an image id of the "
+                         "GT") from None
     if not _numeric_types(set(map(type, score))):
         i = next(k for k, s in enumerate(score) if not _numeric_types({type(s)}))
         raise InputError(f"{source}: detections[{i}].score must be a number, got {score[i]!r}")
@@ -314,6 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     write_outputs(res, args.out)
     mt = res["metrics"]
     print(f"evaluate: {mt['n_dets']} detections, {mt['n_gt']} CMBs on {mt['n_images']} slices of "
-          f"{mt['n_patients']} patients: AP {mt['ap_voc']:.4f}, P@S0.9 {mt['precision_at_sensitivity_0.9']:.4f}, "
+          f"{mt['n_patients']} patients: AP {mt['ap_voc']:.4f}, "
+          f"P@S0.9 {mt['precision_at_sensitivity_0.9']:.4f}, "
           f"FROC mean {mt['froc_mean']:.4f} ({time.perf_counter() - t0:.2f} s) -> {args.out}")
     return 0

@@ -1,4 +1,8 @@
-"""Feature enhancement (FE) by reusing ground truth (Li et al. 2021), as pure tensor functions.
+"""Feature enhancement (FE) by reusing ground truth (Li et al. 2021): pure tensor functions and the FE part.
+
+The maths (:func:`enhancement_mask`, :func:`apply_fe`, :func:`alpha_at`) are pure functions; the detector's
+part is :class:`FeatureEnhancement`, a parameter-free ``nn.Module`` with an on/off switch (``enabled``) that
+the backbone calls on its first source (see :mod:`cmbfe.models`).
 
 Conventions
 -----------
@@ -19,12 +23,14 @@ Conventions
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from typing import get_args
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from cmbfe.config import FESchedule, FEVariant
 
@@ -130,7 +136,8 @@ def enhancement_mask(
 
 
 def alpha_at(t: float, alpha: float, schedule: str) -> float:
-    """FE strength at training fraction ``t`` in [0, 1]: ``constant`` -> ``alpha``; ``cosine`` -> ``alpha * (1 + cos(pi t)) / 2``."""
+    """FE strength at training fraction ``t`` in [0, 1]: ``constant`` -> ``alpha``; ``cosine`` ->
+    ``alpha * (1 + cos(pi t)) / 2``."""
     if schedule == "constant":
         return float(alpha)
     if schedule == "cosine":
@@ -187,3 +194,65 @@ class FEContext:
             p = (inp[:, 1:2].detach().float() * self.std + self.mean).clamp(min=0)
             self.mask = enhancement_mask(p, self.boxes, tuple(feat.shape[-2:]), self.beta)
         return apply_fe(feat, self.mask, self.alpha, self.variant)
+
+
+class FeatureEnhancement(nn.Module):
+    """FE as a part of the detector: the switch, the reading and the strength; no parameters, no buffers.
+
+    ``enabled`` is the on/off switch (``fe.enabled = False`` makes training see the plain network, as test
+    time always does); ``placement`` (``pre_l2norm`` | ``post_l2norm``, checked by the configuration) tells
+    the backbone where to call it; ``variant``, ``beta`` and the strength ``alpha`` under ``schedule`` at the
+    training fraction ``progress`` (:meth:`set_progress`) define what it does (:func:`apply_fe`).
+
+    FE acts only inside :meth:`bound`, which the detector opens for one training forward pass with the
+    batch's target boxes; outside it ``fe(feat, inp)`` is the identity.
+    """
+
+    def __init__(
+        self,
+        *,
+        enabled: bool = False,
+        placement: str = "pre_l2norm",
+        variant: str = "fe",
+        alpha: float = 1.0,
+        schedule: str = "constant",
+        beta: float = 1.5,
+    ) -> None:
+        super().__init__()
+        self.enabled, self.placement, self.variant = bool(enabled), placement, variant
+        self.alpha, self.schedule, self.beta = float(alpha), schedule, float(beta)
+        self.progress = 0.0
+        self.context: FEContext | None = None  # the bound batch (inside :meth:`bound` only)
+
+    def set_progress(self, t: float) -> None:
+        """Set the training fraction ``t`` (clamped to [0, 1]) that drives the alpha schedule."""
+        self.progress = min(max(float(t), 0.0), 1.0)
+
+    @property
+    def strength(self) -> float:
+        """The alpha FE applies now (``alpha`` under ``schedule`` at ``progress``)."""
+        return alpha_at(self.progress, self.alpha, self.schedule)
+
+    @contextlib.contextmanager
+    def bound(self, boxes: list[Tensor], mean: float, std: float) -> Iterator[FEContext]:
+        """Enhance with ``boxes`` (xyxy px of the resized network input, one tensor per image) until exit.
+
+        ``mean``/``std`` de-normalise the network input's centre channel (``P = inp[:, 1] * std + mean``).
+        Yields the batch's :class:`FEContext` (its ``mask`` holds the last mask used)."""
+        self.context = FEContext(boxes, self.strength, self.beta, self.variant, mean, std)
+        try:
+            yield self.context
+        finally:
+            self.context = None
+
+    def forward(self, feat: Tensor, inp: Tensor) -> Tensor:
+        """``feat`` enhanced for the bound batch (``inp``: the normalised network input); else ``feat``."""
+        return feat if self.context is None else self.context(feat, inp)
+
+    def describe(self) -> dict[str, object]:
+        """The settings, for the architecture record."""
+        return {"enabled": self.enabled, "placement": self.placement, "variant": self.variant,
+                "alpha": self.alpha, "schedule": self.schedule, "beta": self.beta}
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in self.describe().items())

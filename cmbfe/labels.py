@@ -85,7 +85,8 @@ def slice_signal(image: np.ndarray, centre_ij: tuple[float, float], radius_px: f
 
 
 def _widen(lo: float, hi: float, side: float, limit: float) -> tuple[float, float]:
-    """Widen ``[lo, hi]`` about its centre to at least ``side``, shifted (not shrunk) to stay in ``[0, limit]``."""
+    """Widen ``[lo, hi]`` about its centre to at least ``side``, shifted (not shrunk) to stay in
+    ``[0, limit]``."""
     if hi - lo < side:
         c = (lo + hi) / 2.0
         lo, hi = c - side / 2.0, c + side / 2.0
@@ -97,7 +98,10 @@ def _widen(lo: float, hi: float, side: float, limit: float) -> tuple[float, floa
 
 
 def annotator_boxes(
-    data: np.ndarray, lesion: Lesion, spacing_mm: tuple[float, float, float], rule: AnnotatorRule = AnnotatorRule()
+    data: np.ndarray,
+    lesion: Lesion,
+    spacing_mm: tuple[float, float, float],
+    rule: AnnotatorRule = AnnotatorRule(),
 ) -> dict[int, Box]:
     """Per-slice boxes of ``lesion`` under the annotator model, measured on ``data`` [slice, row, col] (the
     image the reader sees, e.g. the 8-bit normalised volume). ``{k: (x0, y0, x1, y1)}``, pixels."""

@@ -3,15 +3,16 @@
 Conventions (see also ``docs/design.md``):
 
 - Boxes are ``xyxy`` in continuous pixel coordinates (pixel ``(j, i)`` covers ``[i, i+1) x [j, j+1)``);
-  COCO JSON ``xywh`` is converted with :func:`cmbfe.boxes.xywh_to_xyxy`. Areas and IoU use ``x1 - x0`` with **no
-  "+1"** (as pycocotools, unlike the VOC devkit).
+  COCO JSON ``xywh`` is converted with :func:`cmbfe.boxes.xywh_to_xyxy`. Areas and IoU use ``x1 - x0`` with
+  **no "+1"** (as pycocotools, unlike the VOC devkit).
 - Matching (:func:`match`) is greedy by score: detections are visited in descending score with a
   *stable* sort (ties keep input order). Each detection takes, among the still unmatched GT boxes of
   its image that pass the rule, the **best** one (highest IoU, or smallest centre distance); ties go to
   the later GT box in input order - exactly pycocotools' ``COCOeval.evaluateImg``. A detection whose
   candidates are all taken is a false positive (duplicate). (pycocotools breaks score ties across
-  images by image id, this module by input order; results differ only for exactly tied scores.) Rules: ``iou`` (IoU >= threshold, VOC) or
-  ``centre`` (centre distance <= radius in mm using ``pixel_spacing_mm = (dy, dx)``).
+  images by image id, this module by input order; results differ only for exactly tied scores.) Rules:
+  ``iou`` (IoU >= threshold, VOC) or ``centre`` (centre distance <= radius in mm using
+  ``pixel_spacing_mm = (dy, dx)``).
 - Curves: AP uses one point per detection in score order (VOC/COCO practice). Operating points
   (sensitivity, precision, FP rates, FROC, best F1, precision at a sensitivity) use one point per
   distinct score threshold ``score >= t``, so tied detections are never split.
@@ -95,7 +96,8 @@ def iou_pairs(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def group_pairs(a_key: np.ndarray, b_key: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """All index pairs ``(i, j)`` with ``a_key[i] == b_key[j]`` (vectorised; ``j`` in input order per ``i``)."""
+    """All index pairs ``(i, j)`` with ``a_key[i] == b_key[j]`` (vectorised; ``j`` in input order per
+    ``i``)."""
     a_key = np.asarray(a_key)
     b_sort = np.argsort(b_key, kind="stable")
     b_sorted = np.asarray(b_key)[b_sort]
@@ -392,8 +394,10 @@ def recall_by_size(gt: GroundTruth, m: Matching, bins_mm: tuple[float, ...] = SI
     if edges.ndim != 1 or len(edges) < 2 or np.any(np.diff(edges) <= 0):
         raise ValueError(f"bins_mm must be increasing edges, got {bins_mm!r}")
     sp = gt.image_spacing[gt.box_image] if gt.n_gt else np.zeros((0, 2))
-    side = np.maximum((gt.boxes[:, 2] - gt.boxes[:, 0]) * sp[:, 1], (gt.boxes[:, 3] - gt.boxes[:, 1]) * sp[:, 0])
-    side = np.round(side, 3)  # COCO stores 1e-4 px: a 2-mm side reads back as 1.99997 mm and belongs in [2, 3)
+    side = np.maximum((gt.boxes[:, 2] - gt.boxes[:, 0]) * sp[:, 1],
+                      (gt.boxes[:, 3] - gt.boxes[:, 1]) * sp[:, 0])
+    # COCO stores 1e-4 px: a 2-mm side reads back as 1.99997 mm and belongs in [2, 3)
+    side = np.round(side, 3)
     found = np.zeros(gt.n_gt, dtype=bool)
     sel = m.gt_of_det >= 0 if keep is None else (m.gt_of_det >= 0) & np.asarray(keep, dtype=bool)
     found[m.gt_of_det[sel]] = True
@@ -451,8 +455,8 @@ def summarise(gt: GroundTruth, dets: Detections, m: Matching, target: float = 0.
     if objects is not None:
         fp_all = ~m.tp
         out["fp_attribution"] = {
-            f"at_sensitivity_{tag}": None if thr is None else attribute_fps(dets, fp_all & (dets.scores >= thr),
-                                                                           objects),
+            f"at_sensitivity_{tag}": (None if thr is None
+                                      else attribute_fps(dets, fp_all & (dets.scores >= thr), objects)),
             "all": attribute_fps(dets, fp_all, objects),
         }
     return out, c

@@ -6,8 +6,8 @@ Usage::
 
 Output: a COCO results list ``[{image_id, category_id: 1, bbox: [x, y, w, h], score}, ...]`` with boxes in
 the pixel frame of the PNG (not the resized network input), clipped to the image. ``RUN`` is a training
-run folder (``config.yaml`` + ``model.pt``, see :mod:`cmbfe.train`); ``PRE`` defaults to the run config's
-``pre_path()``.
+run folder (``config.yaml`` + ``model.pt``, see :mod:`cmbfe.train`; loaded by :func:`cmbfe.modelfolder.load`);
+``PRE`` defaults to the run config's ``pre_path()``. The results are written by :mod:`cmbfe.cocoresults`.
 """
 
 from __future__ import annotations
@@ -21,13 +21,11 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from cmbfe import config as C
-from cmbfe.boxes import xyxy_to_xywh
+from cmbfe import modelfolder
+from cmbfe.cocoresults import coco_results, write_coco_results
 from cmbfe.data import SliceDataset, collate_fn
-from cmbfe.errors import ConfigError, InputError
-from cmbfe.models import build_model
+from cmbfe.errors import ConfigError
 from cmbfe.runtime import apply_thread_env
-from cmbfe.utils import atomic_write_json
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -40,24 +38,11 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 def detections_to_coco(output: dict[str, torch.Tensor], image_id: int, width: int, height: int) -> list[dict]:
-    """One image's model output (``boxes`` xyxy px, ``scores``) -> COCO results (xywh px, clipped)."""
+    """One image's model output (``boxes`` xyxy px, ``scores``) -> COCO results (xywh px, clipped to the
+    ``width`` x ``height`` image; :func:`cmbfe.cocoresults.coco_results`)."""
     boxes = output["boxes"].detach().float().cpu().reshape(-1, 4)
     scores = output["scores"].detach().float().cpu().reshape(-1)
-    boxes[:, 0::2] = boxes[:, 0::2].clamp(0.0, float(width))
-    boxes[:, 1::2] = boxes[:, 1::2].clamp(0.0, float(height))
-    out = []
-    for (x, y, w, h), s in zip(xyxy_to_xywh(boxes.double()).tolist(), scores.tolist()):
-        if w <= 0 or h <= 0:
-            continue
-        out.append(
-            {
-                "image_id": int(image_id),
-                "category_id": 1,
-                "bbox": [round(x, 3), round(y, 3), round(w, 3), round(h, 3)],
-                "score": round(float(s), 6),
-            }
-        )
-    return out
+    return coco_results(boxes, scores, image_id, clip_wh=(width, height))
 
 
 @torch.inference_mode()
@@ -106,24 +91,9 @@ def predict(
     return results
 
 
-def load_model(run_dir: Path | str, device: torch.device | str = "cpu") -> nn.Module:
-    """Rebuild the detector from ``RUN/config.yaml``, load ``RUN/model.pt`` (``weights_only=True``), eval()."""
-    run = Path(run_dir)
-    cfg_path, weights = run / "config.yaml", run / "model.pt"
-    for p in (cfg_path, weights):
-        if not p.is_file():
-            raise InputError(f"{p}: not found (is '{run}' a finished training run?)")
-    cfg = C.load(cfg_path)
-    model = build_model(cfg.model, cfg.fe)
-    state = torch.load(weights, map_location="cpu", weights_only=True)
-    model.load_state_dict(state)
-    model.run_config = cfg  # type: ignore[attr-defined]  # for callers that need input/size
-    return model.to(device).eval()
-
-
 def main(argv: list[str] | None = None) -> int:
     """``cmbfe predict --run RUN --split SPLIT [--data PRE] --out DETS.json``."""
-    ap = argparse.ArgumentParser(prog="cmbfe predict", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="cmbfe predict", description=__doc__.split("\n\n")[0].replace("``", ""))
     ap.add_argument("--run", required=True, type=Path, help="training run folder (config.yaml, model.pt)")
     ap.add_argument("--split", default="test", help="train | val | test (PRE/annotations/SPLIT.json)")
     ap.add_argument("--data", type=Path, default=None, help="PRE folder (default: the run config's data/pre)")
@@ -132,12 +102,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
     args = ap.parse_args(argv)
     device = resolve_device(args.device)
-    model = load_model(args.run, device)
-    cfg: C.Config = model.run_config  # type: ignore[attr-defined]
-    pre = args.data if args.data is not None else cfg.pre_path()
+    run = modelfolder.load(args.run, device=device)
+    pre = args.data if args.data is not None else run.cfg.pre_path()
     t0 = time.perf_counter()
-    dets = predict(model, pre, args.split, input=cfg.model.input, batch_size=args.batch_size, device=device)
-    atomic_write_json(args.out, dets, indent=None)
+    dets = predict(run.model, pre, args.split, input=run.cfg.model.input, batch_size=args.batch_size,
+                   device=device)
+    write_coco_results(args.out, dets)
     print(
         f"cmbfe predict: {len(dets)} detections on '{args.split}' in {time.perf_counter() - t0:.1f} s "
         f"-> {args.out}"

@@ -29,6 +29,7 @@ import pandas as pd
 from cmbfe import config
 from cmbfe.boxes import xyxy_to_xywh
 from cmbfe.config import Config, PreprocessConfig
+from cmbfe.datadir import SPLITS, DataDir, split_name
 from cmbfe.errors import InputError
 from cmbfe.io import _read_csv, find_valdo_pairs, load_patient, read_centroids, read_dicom_series, read_valdo
 from cmbfe.labels import lesion_boxes
@@ -36,7 +37,6 @@ from cmbfe.runtime import package_versions
 from cmbfe.utils import atomic_path, atomic_write_json
 from cmbfe.volume import Volume
 
-SPLITS = ("train", "val", "test")
 LESION_COLUMNS = ["lesion_id", "patient_id", "kind", "location", "i", "j", "k", "x_mm", "y_mm", "z_mm",
                   "diameter_mm"]
 MIMIC_COLUMNS = ["mimic_id", *LESION_COLUMNS[1:]]
@@ -171,8 +171,10 @@ def _discover(raw: Path, centroids: dict[str, Any] | None = None) -> tuple[str, 
             raise InputError(f"{raw}: --centroids labels DICOM folders; VALDO data brings its own masks")
         mode, jobs = _discover(raw)
         if mode != "dicom":
-            raise InputError(f"{raw}: --centroids needs DICOM folders without lesions.csv (found {mode} data)")
-        listed = {str(p) for p in _read_csv(Path(centroids["csv"]), ("patient", "x", "y", "z"))["patient"]}
+            raise InputError(f"{raw}: --centroids needs DICOM folders without lesions.csv "
+                             f"(found {mode} data)")
+        table = _read_csv(Path(centroids["csv"]), ("patient", "x", "y", "z"))
+        listed = {str(p) for p in table["patient"]}
         unknown = sorted(listed - {j["patient_id"] for j in jobs})
         if unknown:
             raise InputError(f"{centroids['csv']}: patients {unknown[:5]} have no folder in {raw} "
@@ -331,7 +333,8 @@ def _coco(res: list[dict], split_of: dict[str, str], pcfg: PreprocessConfig) -> 
     if split_of and pcfg.labels != "geometric":  # the same images with the geometric boxes, for comparison
         geo = {(r["patient_id"], k): v for r in res for k, v in r["cmb_boxes_geometric"].items()}
         for s in ("val", "test"):
-            out[f"{s}_geometric"], _ = _coco_split(f"{s} (geometric boxes)", out[s]["images"], geo, 1)
+            name = split_name(s, geometric=True)
+            out[name], _ = _coco_split(f"{s} (geometric boxes)", out[s]["images"], geo, 1)
     return out, notes
 
 
@@ -350,10 +353,11 @@ def _coco_split(name: str, ims: list[dict], boxes: dict, ann_id: int) -> tuple[d
             "annotations": anns, "categories": [{"id": 1, "name": "cmb", "supercategory": "lesion"}]}, ann_id
 
 
-def _write_tables(tmp: Path, res: list[dict], split_of: dict[str, str]) -> None:
+def _write_tables(pre: DataDir, res: list[dict], split_of: dict[str, str]) -> None:
     """splits.csv, lesions.csv, mimics.csv and slice_objects.csv of a labelled cohort."""
+    tmp = pre.root
     splits = pd.DataFrame(sorted(split_of.items()), columns=["patient_id", "split"])
-    splits.to_csv(tmp / "splits.csv", index=False)
+    splits.to_csv(pre.splits_csv, index=False)
     for name, key, base in (("lesions.csv", "lesions", LESION_COLUMNS),
                             ("mimics.csv", "mimics", MIMIC_COLUMNS)):
         rows = [row for r in res for row in r[key]]
@@ -366,7 +370,7 @@ def _write_tables(tmp: Path, res: list[dict], split_of: dict[str, str]) -> None:
             objs += [(kind, i, b) for i, kind, b in r["mimic_boxes"].get(k, [])]
             rows += [(r["patient_id"], k, kind, i, *(round(v, 4) for v in b)) for kind, i, b in objs]
     cols = ["patient_id", "slice_index", "kind", "object_id", "x0", "y0", "x1", "y1"]
-    pd.DataFrame(rows, columns=cols).to_csv(tmp / "slice_objects.csv", index=False)
+    pd.DataFrame(rows, columns=cols).to_csv(pre.slice_objects, index=False)
 
 
 def preprocess_cohort(raw_dir: str | Path, out_dir: str | Path, cfg: Config, *, overwrite: bool = False,
@@ -393,19 +397,21 @@ def preprocess_cohort(raw_dir: str | Path, out_dir: str | Path, cfg: Config, *, 
             raise ValueError(f"centroid_units must be 'vox' or 'mm', not {centroid_units!r}")
         if not centroid_diameter_mm > 0:
             raise ValueError(f"centroid_diameter_mm must be > 0, not {centroid_diameter_mm!r}")
-        cent = {"csv": str(Path(centroids).resolve()), "units": centroid_units, "diameter_mm": centroid_diameter_mm}
+        cent = {"csv": str(Path(centroids).resolve()), "units": centroid_units,
+                "diameter_mm": centroid_diameter_mm}
     mode, jobs = _discover(raw, cent)
     with atomic_path(out) as tmp:
-        (tmp / "images").mkdir(parents=True)
-        res = _run_jobs(jobs, pcfg, tmp / "images", on_bad_file, progress)
+        pre = DataDir(tmp)
+        pre.images.mkdir(parents=True)
+        res = _run_jobs(jobs, pcfg, pre.images, on_bad_file, progress)
         split_of: dict[str, str] = {}
         if mode in ("synthetic", "valdo", "centroids"):
             has_cmb = {r["patient_id"]: bool(r["cmb_boxes"]) for r in res}
             split_of = split_patients(list(has_cmb), has_cmb, pcfg.split_ratios, pcfg.split_seed)
-            _write_tables(tmp, res, split_of)
+            _write_tables(pre, res, split_of)
         cocos, notes = _coco(res, split_of, pcfg)
         for name, obj in cocos.items():
-            atomic_write_json(tmp / "annotations" / f"{name}.json", obj, indent=None)
+            pre.write_split(name, obj)
         notes = [w for r in res for w in r["warnings"]] + notes
         notes += [f"split {s} has no patients" for s in SPLITS if split_of and s not in split_of.values()]
         for n in notes:
@@ -419,7 +425,7 @@ def preprocess_cohort(raw_dir: str | Path, out_dir: str | Path, cfg: Config, *, 
                      "shape": r["shape"], "spacing_mm": [round(v, 6) for v in r["spacing_mm"]],
                      "n_cmb": len(r["lesions"]), "n_mimics": len(r["mimics"]),
                      "n_cmb_slices": len(r["cmb_boxes"]), "seconds": r["seconds"]} for r in res]
-        atomic_write_json(tmp / "preprocess.json", {
+        atomic_write_json(pre.manifest, {
             "created_by": "cmbfe preprocess", "input": str(raw), "config": cfg.to_dict(),
             "config_hash": cfg.hash(), "summary": summary, "versions": package_versions(), "warnings": notes,
             "itk_threads": os.environ.get("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"),

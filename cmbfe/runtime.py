@@ -48,7 +48,8 @@ def set_thread_env(threads: int) -> None:
 
 
 def device_description() -> dict[str, Any]:
-    """What the run executes on: CPU model and cores, torch threads, and the GPU name when CUDA is available."""
+    """What the run executes on: CPU model and cores, torch threads, and the GPU name when CUDA is
+    available."""
     import torch
 
     cpu = platform.processor() or platform.machine()

@@ -7,9 +7,9 @@ resample weights each detection by the number of times its patient was drawn, wh
 concatenating the drawn patients (tests check this against re-matching the concatenated set): the
 curve is a weighted cumulative sum at the precomputed tie-group ends, and the all-point AP is computed
 per copy in closed form (a run of ``w`` copies of a TP has rising precision, of a FP falling, so the
-envelope at each copy follows from the run's last/first copy). Statistics per resample: VOC all-point AP (``ap_voc``), precision
-at the target sensitivity (0.0 when not reached) and FROC mean over 1/8..8 FP/scan. Intervals are
-percentile intervals; resamples where a statistic is undefined (no CMB drawn) are skipped.
+envelope at each copy follows from the run's last/first copy). Statistics per resample: VOC all-point AP
+(``ap_voc``), precision at the target sensitivity (0.0 when not reached) and FROC mean over 1/8..8 FP/scan.
+Intervals are percentile intervals; resamples where a statistic is undefined (no CMB drawn) are skipped.
 """
 
 from __future__ import annotations
@@ -90,7 +90,9 @@ def _draws(n_patients: int, n: int, seed: int) -> np.ndarray:
     """(n, P) patient draw counts, from ``numpy.random.default_rng(seed)``."""
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, n_patients, size=(n, n_patients))
-    return np.stack([np.bincount(r, minlength=n_patients) for r in idx]) if n else np.zeros((0, n_patients), int)
+    if not n:
+        return np.zeros((0, n_patients), int)
+    return np.stack([np.bincount(r, minlength=n_patients) for r in idx])
 
 
 def _interval(values: np.ndarray, ci: float) -> tuple[float, float, float, int]:
@@ -129,8 +131,9 @@ def paired_bootstrap(a: BootData, b: BootData, n: int = 1000, seed: int = 0, ci:
     """Paired patient bootstrap of ``stat(a) - stat(b)`` for two runs on the same test set.
 
     Both runs see the same patient draws. Per statistic returns ``diff`` (on the full set), percentile
-    ``lo``/``hi`` and a two-sided p-value ``p = min(1, 2 * min((#{d* <= 0} + 1), (#{d* >= 0} + 1)) / (B + 1))``
-    over the ``B`` valid resamples (the test of H0: no difference).
+    ``lo``/``hi`` and a two-sided p-value
+    ``p = min(1, 2 * min((#{d* <= 0} + 1), (#{d* >= 0} + 1)) / (B + 1))`` over the ``B`` valid resamples
+    (the test of H0: no difference).
     """
     if a.n_patients != b.n_patients or not np.array_equal(a.n_gt_patient, b.n_gt_patient):
         raise ValueError("paired_bootstrap: the two runs are not on the same patients/ground truth")

@@ -1,4 +1,5 @@
-"""``cmbfe train``: iteration-based SSD training (Adam + step LR), atomic checkpoints, exact resume, DDP.
+"""``cmbfe train``: iteration-based SSD training (Adam; step or cosine LR with warm-up; optional EMA and
+gradient clipping), atomic checkpoints, exact resume, DDP.
 
 Usage::
 
@@ -12,9 +13,14 @@ bbox_loss, cls_loss, lr, images_per_s, seconds), ``RUN/val.csv`` (val-split metr
 iterations and at the end), ``RUN/model.pt`` (final ``state_dict``) and ``RUN/model.json``
 (``model.describe()`` + timings).
 
-Schedule: Adam(lr, weight_decay); the learning rate is multiplied by ``lr_gamma`` at each fraction of
-``iterations`` in ``lr_steps`` (paper: 1e-3, x0.1 at 80k and 100k of 120k). ``model.set_progress(it /
-iterations)`` drives the FE alpha schedule. ``train.batch_size`` is the global batch (split over DDP ranks).
+Optimisation: Adam(lr, weight_decay), one LR-schedule step per iteration (:func:`lr_factor`):
+``train.schedule: step`` multiplies the LR by ``lr_gamma`` at each fraction of ``iterations`` in ``lr_steps``
+(paper: 1e-3, x0.1 at 80k and 100k of 120k), ``cosine`` decays it to ``lr * lr_min`` by the fraction
+``cosine_end``; either after a linear warm-up of ``train.warmup`` iterations. ``train.grad_clip`` clips the
+global gradient norm, ``train.ema`` validates and saves an exponential moving average of the weights.
+``model.fe.set_progress(it / iterations)`` drives the FE alpha schedule. ``train.batch_size`` is the global
+batch (split over DDP ranks). FE runs log the FE train/test gap (:mod:`cmbfe.fe_gap`) to ``RUN/fe_gap.csv``
+at every validation. The checkpoint is :mod:`cmbfe.checkpoint`.
 
 Reproducibility: on CPU the run is deterministic (``torch.use_deterministic_algorithms(True,
 warn_only=True)``; set ``CMBFE_THREADS`` to fix torch's intra-op threads, as thread count can change float
@@ -28,11 +34,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
-import io
 import math
 import os
-import random
 import statistics
 import sys
 import time
@@ -42,7 +45,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
@@ -53,20 +55,19 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from cmbfe import config as C
-from cmbfe.augment import build_augment
-from cmbfe.data import InfiniteSampler, SliceDataset, collate_fn
-from cmbfe.errors import InputError
+from cmbfe.checkpoint import Checkpointer, TrainState, save_torch
+from cmbfe.data import InfiniteSampler, SliceDataset, collate_fn, targets_to, training_dataset
+from cmbfe.datadir import DataDir
 from cmbfe.evaluate import dets_from_coco, evaluate, gt_from_coco
-from cmbfe.models import build_model
+from cmbfe.fe_gap import FE_GAP_FIELDS, fe_gap, fe_gap_batch
+from cmbfe.models import build_model, split_losses
 from cmbfe.predict import predict, resolve_device
 from cmbfe.runtime import apply_thread_env
-from cmbfe.utils import CSVLogger, atomic_write_bytes, atomic_write_json, seed_everything
+from cmbfe.utils import CSVLogger, atomic_write_json, seed_everything
 
 LOG_FIELDS = ["iteration", "loss", "bbox_loss", "cls_loss", "lr", "images_per_s", "seconds"]
 VAL_METRICS = ["ap_voc", "ap_voc07", "sensitivity", "precision", "precision_at_sensitivity_0.9"]
 VAL_FIELDS = ["iteration", *VAL_METRICS, "fp_per_cmb", "froc_mean", "n_dets", "seconds"]
-# train.* keys that may differ between a run and its --resume (they do not change the result)
-RESUME_FREE = {"workers", "device", "tensorboard", "log_every", "checkpoint_every", "val_every", "cache"}
 
 
 # ------------------------------------------------------------------------------------------- helpers
@@ -78,25 +79,11 @@ def dist_env() -> tuple[int, int, int]:
     return int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0"))
 
 
-def split_losses(losses: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-    """``(total, bbox, cls)`` from the model's loss dict (keys containing bbox/reg/loc vs cls/class/conf)."""
-    total = sum(losses.values())
-    zero = total.detach() * 0
-    bbox = sum((v.detach() for k, v in losses.items() if any(s in k for s in ("bbox", "reg", "loc"))), zero)
-    cls = sum((v.detach() for k, v in losses.items() if any(s in k for s in ("cls", "class", "conf"))), zero)
-    return total, bbox, cls
-
-
-def _train_step(
-    model: nn.Module,
-    images: list[Tensor],
-    targets: list[dict],
-    optimizer: Optimizer,
-    scaler: torch.amp.GradScaler,
-    amp: bool,
-    device: torch.device,
-    grad_clip: float = 0.0,
-) -> tuple[Tensor, ...]:
+def _train_step(model: nn.Module, images: list[Tensor], targets: list[dict], optimizer: Optimizer,
+                scaler: torch.amp.GradScaler, amp: bool, device: torch.device, grad_clip: float = 0.0
+                ) -> tuple[Tensor, ...]:
+    """One optimisation step (AMP autocast when ``amp``, gradient clipping when ``grad_clip`` > 0); returns
+    the detached (total, bbox, cls) losses."""
     with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=amp):
         losses = model(images, targets)
         total, bbox, cls = split_losses(losses)
@@ -110,16 +97,8 @@ def _train_step(
     return total.detach(), bbox, cls
 
 
-def step_time(
-    model: nn.Module,
-    images: list[Tensor],
-    targets: list[dict],
-    optimizer: Optimizer,
-    repeats: int = 5,
-    *,
-    warmup: int = 1,
-    amp: bool = False,
-) -> dict[str, Any]:
+def step_time(model: nn.Module, images: list[Tensor], targets: list[dict], optimizer: Optimizer,
+              repeats: int = 5, *, warmup: int = 1, amp: bool = False) -> dict[str, Any]:
     """Seconds per training step (forward + backward + optimizer) on one fixed batch (paper Table 3).
 
     Runs ``warmup`` untimed then ``repeats`` timed steps on the device of ``images`` (synchronising CUDA);
@@ -162,7 +141,8 @@ def build_optimizer(model: nn.Module, tc: C.TrainConfig) -> tuple[Optimizer, LRS
     """Adam + the LR schedule of :func:`lr_factor`, stepped per iteration.
 
     The paper's plain step schedule (``schedule: step``, ``warmup: 0``) is a ``MultiStepLR`` at
-    ``round(f * iterations)`` for ``f`` in ``lr_steps``; anything else a ``LambdaLR`` over :func:`lr_factor`."""
+    ``round(f * iterations)`` for ``f`` in ``lr_steps``; anything else a ``LambdaLR`` over
+    :func:`lr_factor`."""
     opt = torch.optim.Adam(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     if tc.schedule == "step" and not tc.warmup:
         miles = sorted({max(1, round(f * tc.iterations)) for f in tc.lr_steps})
@@ -177,95 +157,22 @@ def build_ema(model: nn.Module, decay: float) -> AveragedModel | None:
     return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
 
 
-def rng_state() -> dict[str, Any]:
-    """torch/numpy/python RNG states as tensors and plain types (loadable with ``weights_only=True``)."""
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    version, pystate, gauss = random.getstate()
-    np_state = {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos)}
-    np_state |= {"has_gauss": int(has_gauss), "cached": float(cached)}
-    py_state = {"version": int(version), "state": torch.tensor(pystate, dtype=torch.int64), "gauss": gauss}
-    st: dict[str, Any] = {"torch": torch.get_rng_state(), "numpy": np_state, "python": py_state}
-    if torch.cuda.is_available():
-        st["cuda"] = torch.cuda.get_rng_state_all()
-    return st
-
-
-def set_rng_state(st: dict[str, Any]) -> None:
-    """Inverse of :func:`rng_state`."""
-    torch.set_rng_state(st["torch"].cpu())
-    n = st["numpy"]
-    np.random.set_state(
-        (n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"])
-    )
-    p = st["python"]
-    random.setstate((p["version"], tuple(int(v) for v in p["state"].tolist()), p["gauss"]))
-    if "cuda" in st and torch.cuda.is_available() and len(st["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all([s.cpu() for s in st["cuda"]])
-
-
-def save_torch(obj: Any, path: Path) -> None:
-    """``torch.save`` to ``path`` atomically (temp file + ``os.replace``)."""
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    atomic_write_bytes(path, buf.getvalue())
-
-
-def _resume_check(saved: dict[str, Any], cfg: C.Config, path: Path) -> None:
-    now = cfg.to_dict()
-    diff = []
-    for sec in sorted(set(saved) | set(now)):
-        a, b = saved.get(sec), now.get(sec)
-        if isinstance(a, dict) and isinstance(b, dict):
-            diff += [
-                f"{sec}.{k}"
-                for k in sorted(set(a) | set(b))
-                if a.get(k) != b.get(k) and not (sec == "train" and k in RESUME_FREE)
-            ]
-        elif a != b and sec not in ("notebooks", "study", "profile"):
-            diff.append(sec)
-    if diff:
-        raise C.ConfigError(f"{path}: cannot resume, configuration differs in {', '.join(diff)}")
-
-
 def validate_split(
     model: nn.Module, dataset: SliceDataset, cfg: C.Config, device: torch.device
 ) -> dict[str, Any]:
-    """Predict on ``dataset`` (the val split) and return its metrics (``cmbfe.evaluate``) with the COCO results
-    under ``"detections"``."""
+    """Predict on ``dataset`` (the val split) and return its metrics (``cmbfe.evaluate``) with the COCO
+    results under ``"detections"``."""
     kw = {"input": dataset.input, "batch_size": cfg.train.batch_size, "device": device, "dataset": dataset}
     dets = predict(model, dataset.pre_dir, dataset.split, **kw)
-    gt = gt_from_coco(dataset.coco, f"{dataset.pre_dir}/annotations/{dataset.split}.json")
+    gt = gt_from_coco(dataset.coco, str(dataset.data.split_path(dataset.split)))
     res = evaluate(
         gt, dets_from_coco(dets, gt), match=cfg.eval.match, iou=cfg.eval.iou, radius_mm=cfg.eval.radius_mm
     )
     return {**res["metrics"], "detections": dets}
 
 
-def window_px(model_cfg: C.ModelConfig, ds: SliceDataset) -> int:
-    """Training-window side in slice pixels for ``model.train_crop`` (0: whole slices).
-
-    A window of ``train_crop * W / size`` px is resized to ``train_crop`` network px, the pixel scale of a
-    whole ``W``-px slice at ``size``. All images of the split must share one square size.
-    """
-    if not model_cfg.train_crop:
-        return 0
-    sizes = {(int(im["width"]), int(im["height"])) for im in ds.images}
-    if len(sizes) != 1 or len({*next(iter(sizes))}) != 1:
-        raise InputError(f"{ds.pre_dir}/annotations/{ds.split}.json: model.train_crop needs square slices of "
-                         f"one size, found {sorted(sizes)[:4]}")
-    side = next(iter(sizes))[0]
-    return max(1, round(model_cfg.train_crop * side / model_cfg.size))
-
-
 def _csv_value(v: Any) -> Any:
     return "" if v is None or (isinstance(v, float) and math.isnan(v)) else v
-
-
-def _to(targets: list[dict], device: torch.device) -> list[dict]:
-    return [
-        {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in t.items()}
-        for t in targets
-    ]
 
 
 # ------------------------------------------------------------------------------------------- fit
@@ -339,7 +246,7 @@ class Parts:
     val_ds: SliceDataset | None
     batches: Iterator[tuple[list[Tensor], list[dict]]]
     checkpointer: Checkpointer
-    fixed: list[tuple[Tensor, dict]] | None = None  # a fixed training batch for the FE train/test gap (fe.enabled)
+    fixed: list[tuple[Tensor, dict]] | None = None  # fixed training batch of the FE gap (FE runs only)
     start: int = 0  # first iteration of this call
     elapsed: float = 0.0  # training seconds of earlier calls
 
@@ -347,44 +254,9 @@ class Parts:
         """What is validated and saved: the EMA weights when ``train.ema`` is on, else the detector."""
         return self.core if self.ema is None else self.ema.module
 
-
-class Checkpointer:
-    """``RUN/checkpoint.pt`` (atomic): model, optimizer, scheduler, AMP scaler, EMA, every rank's RNG states,
-    the iteration and the training seconds; :meth:`restore` puts them back for an exact resume."""
-
-    def __init__(self, path: Path, cfg: C.Config, session: Session) -> None:
-        self.path, self.cfg, self.session = path, cfg, session
-
-    def restore(self, p: Parts) -> tuple[int, float]:
-        """Load the checkpoint into ``p`` (the configuration must match); return (iteration, seconds)."""
-        ck = torch.load(self.path, map_location=self.session.device, weights_only=True)
-        _resume_check(ck["config"], self.cfg, self.path)
-        p.core.load_state_dict(ck["model"])
-        p.optimizer.load_state_dict(ck["optimizer"])
-        p.scheduler.load_state_dict(ck["scheduler"])
-        if p.ema is not None:
-            p.ema.load_state_dict(ck["ema"])
-        if ck.get("scaler"):
-            p.scaler.load_state_dict(ck["scaler"])
-        set_rng_state(ck["rng"][min(self.session.rank, len(ck["rng"]) - 1)])
-        return int(ck["iteration"]), float(ck.get("elapsed_s", 0.0))
-
-    def save(self, p: Parts, it: int, seconds: float) -> None:
-        """Write the state after iteration ``it`` (every rank takes part: the RNG states are gathered)."""
-        s = self.session
-        rng = [None] * s.world
-        if s.world > 1:
-            dist.all_gather_object(rng, rng_state())
-        else:
-            rng = [rng_state()]
-        if s.main:
-            state = {"iteration": it, "model": p.core.state_dict(), "optimizer": p.optimizer.state_dict()}
-            state |= {"scheduler": p.scheduler.state_dict(), "scaler": p.scaler.state_dict(), "rng": rng}
-            if p.ema is not None:
-                state["ema"] = p.ema.state_dict()
-            state |= {"sampler": {"batch": it, "seed": self.cfg.train.seed, "world_size": s.world}}
-            state |= {"elapsed_s": seconds, "config": self.cfg.to_dict()}
-            save_torch(state, self.path)
+    def state(self) -> TrainState:
+        """What the checkpoint saves and restores (with the RNG states)."""
+        return TrainState(self.core, self.optimizer, self.scheduler, self.scaler, self.ema)
 
 
 def build_parts(cfg: C.Config, out: Path, pre: Path, s: Session, *, resume: bool) -> Parts:
@@ -393,68 +265,40 @@ def build_parts(cfg: C.Config, out: Path, pre: Path, s: Session, *, resume: bool
     the first iteration of this call."""
     tc = cfg.train
     seed_everything(tc.seed + s.rank)
-    aug = build_augment(cfg.augment) if cfg.augment.enabled else None
-    kw = {"input": cfg.model.input, "cache": tc.cache}
-    ds = SliceDataset(pre, "train", augment=aug, negatives_ratio=tc.negatives_ratio, seed=tc.seed, **kw)
-    ds.window = window_px(cfg.model, ds)
+    ds = training_dataset(cfg, pre)
     val_ds = None
-    if s.main and (pre / "annotations" / "val.json").is_file():
-        val_ds = SliceDataset(pre, "val", **kw)
+    if s.main and DataDir(pre).has_split("val"):
+        val_ds = SliceDataset(pre, "val", input=cfg.model.input, cache=tc.cache)
     elif s.main:
-        warnings.warn(f"{pre}/annotations/val.json not found: no validation", stacklevel=3)
+        warnings.warn(f"{DataDir(pre).split_path('val')}: not found: no validation", stacklevel=3)
     core = build_model(cfg.model, cfg.fe).to(s.device)
     if s.device.type == "cuda" and tc.channels_last:
         core = core.to(memory_format=torch.channels_last)
     optimizer, scheduler = build_optimizer(core, tc)
-    p = Parts(cfg, out, s, core, core, optimizer, scheduler, torch.amp.GradScaler(s.device.type, enabled=s.amp),
-              build_ema(core, tc.ema), val_ds, iter(()), Checkpointer(out / "checkpoint.pt", cfg, s))
+    scaler = torch.amp.GradScaler(s.device.type, enabled=s.amp)
+    ckpt = Checkpointer(out / "checkpoint.pt", cfg, device=s.device, rank=s.rank, world=s.world)
+    ema = build_ema(core, tc.ema)
+    p = Parts(cfg, out, s, core, core, optimizer, scheduler, scaler, ema, val_ds, iter(()), ckpt)
     if resume and p.checkpointer.path.is_file():
-        p.start, p.elapsed = p.checkpointer.restore(p)
+        p.start, p.elapsed = p.checkpointer.restore(p.state())
     elif resume and s.main:
         warnings.warn(f"{p.checkpointer.path} not found: starting from iteration 0", stacklevel=3)
     if s.main:
         out.mkdir(parents=True, exist_ok=True)
         C.dump(cfg, out / "config.yaml")
     if s.world > 1:
-        p.model = nn.parallel.DistributedDataParallel(core, device_ids=[s.local] if s.device.type == "cuda" else None)
-    sampler = InfiniteSampler(len(ds), tc.batch_size // s.world, seed=tc.seed, rank=s.rank, world_size=s.world,
-                              start_batch=p.start)
+        ids = [s.local] if s.device.type == "cuda" else None
+        p.model = nn.parallel.DistributedDataParallel(core, device_ids=ids)
+    sampler = InfiniteSampler(len(ds), tc.batch_size // s.world, seed=tc.seed, rank=s.rank,
+                              world_size=s.world, start_batch=p.start)
     gen = torch.Generator().manual_seed(tc.seed)  # keeps DataLoader off the global RNG
-    loader = DataLoader(ds, batch_sampler=sampler, collate_fn=collate_fn, generator=gen, num_workers=tc.workers,
-                        persistent_workers=tc.workers > 0, pin_memory=s.device.type == "cuda")
+    loader = DataLoader(ds, batch_sampler=sampler, collate_fn=collate_fn, generator=gen,
+                        num_workers=tc.workers, persistent_workers=tc.workers > 0,
+                        pin_memory=s.device.type == "cuda")
     p.batches = iter(loader)
     if cfg.fe.enabled and s.main and tc.val_every >= 0:
         p.fixed = fe_gap_batch(ds)
     return p
-
-
-FE_GAP_BATCH = 8
-
-
-def fe_gap_batch(ds: SliceDataset, n: int = FE_GAP_BATCH) -> list[tuple[Tensor, dict]]:
-    """The fixed batch of :func:`fe_gap`: the first ``n`` CMB slices of the training pool, drawn with seeds
-    ``0..n-1`` (augmentation and window as in training; seeded draws leave the training stream's RNG untouched)."""
-    pos = [i for i, im in enumerate(ds.images) if ds._has_cmb(im)][:n]
-    return [ds[(i, i)] for i in pos]
-FE_GAP_FIELDS = ["iteration", "alpha", "loss_fe_on", "loss_fe_off", "cls_fe_on", "cls_fe_off", "bbox_fe_on",
-                 "bbox_fe_off"]
-
-
-@torch.no_grad()
-def fe_gap(core: nn.Module, fixed: list[tuple[Tensor, dict]], device: torch.device) -> dict[str, float]:
-    """Training losses of a copy of ``core`` on a fixed batch with FE on (as in training) and off (what the
-    network meets at test time), in train mode (batch statistics; the copy keeps ``core``'s BatchNorm buffers
-    and RNG-free state untouched). A gap that stays large means the heads rely on the training-only FE."""
-    model = copy.deepcopy(core).train()
-    images = [im.to(device) for im, _ in fixed]
-    targets = _to([t for _, t in fixed], device)
-    row: dict[str, float] = {"alpha": float(model.alpha)}
-    for on in (True, False):
-        model.fe_cfg.enabled = on
-        total, bbox, cls = split_losses(model(images, targets))
-        tag = "on" if on else "off"
-        row |= {f"loss_fe_{tag}": float(total), f"bbox_fe_{tag}": float(bbox), f"cls_fe_{tag}": float(cls)}
-    return row
 
 
 class RunLogs:
@@ -495,7 +339,7 @@ def run_validation(p: Parts, logs: RunLogs, it: int) -> None:
         row = {k: m.get(k) for k in VAL_FIELDS}
         row.update(iteration=it, seconds=round(time.perf_counter() - tv, 3), n_dets=m.get("n_dets"))
         logs.val.log({k: _csv_value(v) for k, v in row.items()})
-        if it == p.cfg.train.iterations:  # the final model's val detections, as study.ensure_predictions caches
+        if it == p.cfg.train.iterations:  # the final model's val detections, cached as the study caches them
             atomic_write_json(p.out / f"dets_{p.val_ds.split}.json", m["detections"], indent=None)
         if logs.tb is not None:
             logs.tb.add_scalar("val/ap_voc", m["ap_voc"], it)
@@ -505,7 +349,8 @@ def run_validation(p: Parts, logs: RunLogs, it: int) -> None:
         dist.barrier()
 
 
-def _log_window(p: Parts, logs: RunLogs, acc: Tensor, n: int, done: int, seconds: float, window_s: float) -> dict:
+def _log_window(p: Parts, logs: RunLogs, acc: Tensor, n: int, done: int, seconds: float,
+                window_s: float) -> dict:
     """Mean losses of the last ``n`` iterations (averaged over DDP ranks) into ``log.csv``; the row."""
     if p.session.world > 1:
         dist.all_reduce(acc)
@@ -536,12 +381,13 @@ def train_loop(p: Parts, logs: RunLogs, clock: Clock, end: int, progress: bool) 
     step_times: list[float] = []
     p.model.train()
     for it in range(p.start, end):
-        p.core.set_progress(it / tc.iterations)
+        p.core.fe.set_progress(it / tc.iterations)
         ts = time.perf_counter()
         images, targets = next(p.batches)
         images = [im.to(s.device, non_blocking=True) for im in images]
-        total, bbox, cls = _train_step(p.model, images, _to(targets, s.device), p.optimizer, p.scaler, s.amp,
-                                       s.device, tc.grad_clip)
+        targets = targets_to(targets, s.device)
+        total, bbox, cls = _train_step(p.model, images, targets, p.optimizer, p.scaler, s.amp, s.device,
+                                       tc.grad_clip)
         p.scheduler.step()
         if p.ema is not None:
             p.ema.update_parameters(p.core)
@@ -557,7 +403,7 @@ def train_loop(p: Parts, logs: RunLogs, clock: Clock, end: int, progress: bool) 
             n_acc, t_win = 0, now
         bar.update(1)
         if tc.checkpoint_every and done % tc.checkpoint_every == 0 and done < end:
-            p.checkpointer.save(p, done, clock.seconds())
+            p.checkpointer.save(p.state(), done, clock.seconds())
         if tc.val_every > 0 and done % tc.val_every == 0 and done < tc.iterations:
             run_validation(p, logs, done)
     bar.close()
@@ -565,7 +411,8 @@ def train_loop(p: Parts, logs: RunLogs, clock: Clock, end: int, progress: bool) 
 
 
 def save_final(p: Parts, seconds: float, step_times: list[float], end: int) -> Path:
-    """``RUN/model.pt`` (:meth:`Parts.final_model`'s weights) and ``RUN/model.json`` (architecture, timings)."""
+    """``RUN/model.pt`` (:meth:`Parts.final_model`'s weights) and ``RUN/model.json`` (architecture,
+    timings)."""
     tc, s = p.cfg.train, p.session
     save_torch(p.final_model().state_dict(), p.out / "model.pt")
     med = statistics.median(step_times) if step_times else None
@@ -590,10 +437,10 @@ def fit(
     """Train ``build_model(cfg.model, cfg.fe)`` on ``data`` (default ``cfg.pre_path()``) in ``out_dir``.
 
     ``resume`` continues from ``out_dir/checkpoint.pt`` (configuration must match, except the train keys in
-    ``RESUME_FREE``). ``stop_after`` ends the call after that many iterations in total (an interruption: a
-    checkpoint is written, no final weights) and returns the checkpoint path. Returns ``out_dir/model.pt``.
-    The parts: :func:`training_session` (DDP, threads, determinism), :func:`build_parts` (data, model,
-    optimizer, resume state), :func:`train_loop`, :class:`Checkpointer`, :func:`save_final`.
+    :data:`cmbfe.checkpoint.RESUME_FREE`). ``stop_after`` ends the call after that many iterations in total
+    (an interruption: a checkpoint is written, no final weights) and returns the checkpoint path. Returns
+    ``out_dir/model.pt``. The parts: :func:`training_session` (DDP, threads, determinism),
+    :func:`build_parts` (data, model, optimizer, resume state), :func:`train_loop`, :func:`save_final`.
     """
     out, tc = Path(out_dir), cfg.train
     pre = Path(data) if data is not None else cfg.pre_path()
@@ -604,7 +451,7 @@ def fit(
             end = tc.iterations if stop_after is None else min(tc.iterations, stop_after)
             step_times = train_loop(p, logs, clock, end, progress)
             if end > p.start or p.start == 0:
-                p.checkpointer.save(p, end, clock.seconds())
+                p.checkpointer.save(p.state(), end, clock.seconds())
             if end < tc.iterations:
                 return p.checkpointer.path
             if tc.val_every >= 0:

@@ -97,7 +97,7 @@ class CSVLogger:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         new = not (append and self.path.exists())
-        self._f = open(self.path, "w" if new else "a", newline="")  # noqa: SIM115 - held for the logger lifetime
+        self._f = open(self.path, "w" if new else "a", newline="")  # noqa: SIM115 (held while logging)
         self._w = csv.DictWriter(self._f, fieldnames=fieldnames, extrasaction="ignore")
         if new:
             self._w.writeheader()

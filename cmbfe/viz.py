@@ -3,9 +3,9 @@ bands, image tiles with GT (green) and detection (red) boxes (paper Figs. 6/7).
 
 Figures are made with pyplot (so ``plt.show()`` displays them in notebooks; close them with
 ``plt.close(fig)`` in loops). Outside a Jupyter kernel and without ``MPLBACKEND`` the backend is set to
-Agg on import (headless, no GUI). Files are written deterministically (no dates or software strings in the metadata) and atomically:
-:func:`save_figure` writes ``STEM.png`` and ``STEM.pdf``. Boxes are ``xyxy`` in continuous pixel
-coordinates of the full slice (pixel ``(j, i)`` covers ``[i, i+1) x [j, j+1)``).
+Agg on import (headless, no GUI). Files are written deterministically (no dates or software strings in
+the metadata) and atomically: :func:`save_figure` writes ``STEM.png`` and ``STEM.pdf``. Boxes are ``xyxy``
+in continuous pixel coordinates of the full slice (pixel ``(j, i)`` covers ``[i, i+1) x [j, j+1)``).
 
 A run passed to :func:`plot_pr`/:func:`plot_froc` is a :class:`cmbfe.metrics.Curve`, a mapping
 ``{"curve": Curve, "bands": ...}``, or a mapping with arrays (``recall``, ``precision`` /
@@ -16,7 +16,6 @@ A run passed to :func:`plot_pr`/:func:`plot_froc` is a :class:`cmbfe.metrics.Cur
 from __future__ import annotations
 
 import io
-import json
 import os
 import sys
 from collections.abc import Mapping, Sequence
@@ -35,6 +34,7 @@ from matplotlib.patches import Rectangle
 
 from cmbfe.augment import build_augment
 from cmbfe.data import SliceDataset, read_png
+from cmbfe.datadir import SPLITS, DataDir
 from cmbfe.metrics import FROC_FPS, Curve
 from cmbfe.utils import atomic_write_bytes
 
@@ -218,20 +218,20 @@ OBJECT_COLORS = {"cmb": "#ff2020", "vein": "#2080ff", "calcification": "#ff9900"
 def data_examples(pre: str | Path, n: int = 3, crop: int | None = None) -> Figure:
     """``n`` slices with the most CMBs (one per patient), CMB boxes red and mimic boxes coloured by kind
     (:data:`OBJECT_COLORS`), from a preprocessed folder (``slice_objects.csv`` + ``images/``)."""
-    pre = Path(pre)
-    objs = pd.read_csv(pre / "slice_objects.csv")
+    pre = DataDir(pre)
+    objs = pd.read_csv(pre.slice_objects)
     cmb = objs[objs["kind"] == "cmb"].groupby(["patient_id", "slice_index"]).size().sort_values(
         ascending=False, kind="stable").reset_index()
     picks = cmb.drop_duplicates("patient_id").head(n)
     names = {}
-    for split in ("train", "val", "test"):
-        for im in json.loads((pre / "annotations" / f"{split}.json").read_text())["images"]:
+    for split in SPLITS:
+        for im in pre.coco(split)["images"]:
             names[(im["patient_id"], int(im["slice_index"]))] = im["file_name"]
     fig, axes = plt.subplots(1, max(1, len(picks)), figsize=(4 * max(1, len(picks)), 4.3), squeeze=False)
     for ax, (_, row) in zip(axes[0], picks.iterrows()):
         pid, z = row["patient_id"], int(row["slice_index"])
         fn = names.get((pid, z), f"{pid}/z{z:04d}.png")
-        img = read_png(pre / "images" / fn)
+        img = read_png(pre.image_path(fn))
         ax.imshow(img, cmap="gray", interpolation="nearest")
         sel = objs[(objs["patient_id"] == pid) & (objs["slice_index"] == z)]
         for _, o in sel.iterrows():

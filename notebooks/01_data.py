@@ -31,7 +31,9 @@ profile = "smoke"
 import pandas as pd
 import matplotlib.pyplot as plt
 
-from cmbfe import config, report, study, viz
+from cmbfe import config, study, viz
+from cmbfe.datadir import DataDir
+from cmbfe.study import report
 
 cfg = config.load(profile)
 print(f"profile {cfg.profile}: {cfg.synth.patients} patients, matrix {cfg.synth.matrix}, "
@@ -55,17 +57,19 @@ t1
 # `annotator` (the default): a box on every slice where the rendered focus is visible (signal drop >= 30 % of
 # the local background and >= 3x its noise), enclosing the hypointensity at half depth, no side under 2 mm
 # (the lower bound of the CMB definition). `geometric`: the sphere's cross-section on every slice it crosses,
-# down to one pixel. The val/test splits carry both (`annotations/<split>_geometric.json`).
+# down to one pixel. The val/test splits carry both (`DataDir(pre).coco(split, geometric=True)`).
 
 # %%
 sizes = report.box_size_table(pre)
 study.save_table(sizes, cfg, "table1_box_sizes",
-                 caption="CMB boxes per split by longer side (mm), as labelled and as geometric cross-sections")
+                 caption="CMB boxes per split by longer side (mm), as labelled and as geometric "
+                         "cross-sections")
 sizes
 
 # %% [markdown]
 # ## What a slice looks like
-# CMBs in red; mimics: veins (blue), calcifications (orange), basal-ganglia iron (yellow), air artefacts (magenta).
+# CMBs in red; mimics: veins (blue), calcifications (orange), basal-ganglia iron (yellow), air artefacts
+# (magenta).
 
 # %%
 fig = viz.data_examples(pre, n=3)
@@ -73,5 +77,5 @@ study.save_figure(fig, cfg, "fig_data_examples")
 plt.show()
 
 # %%
-objects = pd.read_csv(pre / "slice_objects.csv")
+objects = pd.read_csv(DataDir(pre).slice_objects)
 objects.groupby("kind").size().rename("per-slice objects").to_frame()

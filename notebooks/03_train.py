@@ -1,3 +1,18 @@
+# ---
+# jupyter:
+#   jupytext:
+#     cell_metadata_filter: tags,-all
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
 # %% [markdown]
 # # 03 — Train one detector
 #
@@ -35,7 +50,8 @@ cfg = study.grid_config(base, size=size, fe=fe, seed=seed, overrides=extra)
 pre = study.ensure_data(cfg)
 run = study.ensure_run(cfg)
 # test- and validation-set detections are computed here (cached in the run folder), so that side-by-side
-# executions of this notebook share the inference cost; 05_evaluate reads them (val: choosing the shipped model)
+# executions of this notebook share the inference cost; 05_evaluate reads them (val: choosing the shipped
+# model)
 study.ensure_predictions(run, pre, "test")
 study.ensure_predictions(run, pre, "val")
 print("run:", run.relative_to(config.REPO_ROOT))

@@ -1,3 +1,18 @@
+# ---
+# jupyter:
+#   jupytext:
+#     cell_metadata_filter: tags,-all
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
 # %% [markdown]
 # # 04 — Where feature enhancement acts (Fig. 3)
 #
@@ -18,7 +33,8 @@ n_images = 3
 # %%
 import matplotlib.pyplot as plt
 
-from cmbfe import config, report, study, viz
+from cmbfe import config, study, viz
+from cmbfe.study import report
 
 cfg = study.grid_config(config.load(profile), size=size, fe=True, seed=seed)
 pre = study.ensure_data(cfg)

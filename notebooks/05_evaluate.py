@@ -28,7 +28,8 @@ profile = "smoke"
 # %%
 import matplotlib.pyplot as plt
 
-from cmbfe import config, report, study
+from cmbfe import config, study
+from cmbfe.study import report
 
 cfg = config.load(profile)
 pre = study.ensure_data(cfg)
@@ -46,8 +47,8 @@ note = cfg.study.reduced
 fig_curves, plateau = report.learning_curves(cfg, ev)
 study.save_figure(fig_curves, cfg, "fig_learning_curves")
 study.save_table(plateau, cfg, "plateau",
-                 caption="Plateau criterion per run: validation AP (IoU 0.5, all-point) over the last 20 % of "
-                         f"training must move by < 0.02. {note}")
+                 caption="Plateau criterion per run: validation AP (IoU 0.5, all-point) over the last 20 % "
+                         f"of training must move by < 0.02. {note}")
 plateau
 
 # %% [markdown]
@@ -61,7 +62,8 @@ t2
 # %%
 paired = report.paired_fe(cfg, ev)
 study.save_table(paired, cfg, "fe_minus_ssd_paired_bootstrap",
-                 caption="SSD-FE minus SSD, paired bootstrap over test patients (seed 0 runs), and over seeds")
+                 caption="SSD-FE minus SSD, paired bootstrap over test patients (seed 0 runs), and over "
+                         "seeds")
 paired
 
 # %% [markdown]
@@ -79,8 +81,8 @@ plt.show()
 # %%
 t4 = report.table4(cfg, ev)
 study.save_table(t4, cfg, "table4_operating_point",
-                 caption=f"Table 4: at the highest score threshold reaching 90 % sensitivity (a seed that never "
-                         f"reaches it counts precision 0 and has no FP/CMB). {note}")
+                 caption="Table 4: at the highest score threshold reaching 90 % sensitivity (a seed that "
+                         f"never reaches it counts precision 0 and has no FP/CMB). {note}")
 t4
 
 # %% [markdown]
@@ -102,7 +104,8 @@ plt.show()
 # %%
 sizes = report.size_table(cfg, ev)
 study.save_table(sizes, cfg, "recall_by_box_size",
-                 caption=f"Sensitivity by GT box size and AP, IoU vs centre matching (mean over seeds). {note}")
+                 caption="Sensitivity by GT box size and AP, IoU vs centre matching (mean over seeds). "
+                         f"{note}")
 sizes
 
 # %% [markdown]
@@ -123,8 +126,8 @@ labels_ap
 # %%
 scale = report.box_scale_table(cfg, ev)
 study.save_table(scale, cfg, "box_scale",
-                 caption=f"Predicted vs GT box side for centre-matched detections (<= {cfg.eval.radius_mm:g} mm), "
-                         f"per seed. {note}")
+                 caption="Predicted vs GT box side for centre-matched detections "
+                         f"(<= {cfg.eval.radius_mm:g} mm), per seed. {note}")
 scale
 
 # %% [markdown]
@@ -146,7 +149,7 @@ mim
 # to `runs/<profile>/model` otherwise. Notebook 09 runs it on a held-out patient.
 
 # %%
-from cmbfe import detect_model
+from cmbfe.study import ship
 
-shipped = detect_model.ship_model(cfg, pre)
+shipped = ship.ship_model(cfg, pre)
 print((shipped / "README.md").read_text())

@@ -24,7 +24,8 @@
 profile = "smoke"
 
 # %%
-from cmbfe import config, experiments, study
+from cmbfe import config, study
+from cmbfe.study import experiments
 
 cfg = config.load(profile)
 pre = study.ensure_data(cfg)

@@ -1,3 +1,18 @@
+# ---
+# jupyter:
+#   jupytext:
+#     cell_metadata_filter: tags,-all
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
 # %% [markdown]
 # # 07 — Backbones and training time (Table 3)
 #
@@ -10,7 +25,8 @@
 profile = "smoke"
 
 # %%
-from cmbfe import config, experiments, study
+from cmbfe import config, study
+from cmbfe.study import experiments
 
 cfg = config.load(profile)
 pre = study.ensure_data(cfg)

@@ -16,9 +16,9 @@
 # %% [markdown]
 # # 08 — Ablations the paper did not run
 #
-# - **placement**: FE after the conv4_3 L2Norm (cmbfe's default: the head sees it) vs before it
-#   (paper-literal inline layer: the channel-wise L2Norm cancels a per-pixel scale, so only deeper
-#   layers change);
+# - **placement**: FE before the conv4_3 L2Norm (R1, cmbfe's default `fe.placement: pre_l2norm`: the
+#   paper-literal inline layer; the channel-wise L2Norm cancels a per-pixel scale, so only deeper layers
+#   change) vs after it (R2, `post_l2norm`: the head sees FE, a cue it never gets at test time);
 # - **schedule**: constant α (paper) vs cosine decay 1 → 0 (train/test gap closes by the end);
 # - **variant**: FE (multiplicative) vs Assisted Excitation (additive channel mean);
 # - **priors**: standard SSD priors vs priors sized to 2–10 mm CMBs;
@@ -31,12 +31,13 @@
 profile = "smoke"
 
 # %%
-from cmbfe import config, experiments, study
+from cmbfe import config, study
+from cmbfe.study import experiments
 
 cfg = config.load(profile)
 pre = study.ensure_data(cfg)
 abl = experiments.ablations(cfg, pre)
-if abl.empty:  # study.ablations: [] — ablation models trained to a plateau cost more than this profile's budget
+if abl.empty:  # study.ablations: [] — ablation models trained to a plateau cost more than this budget
     print(f"profile '{profile}' runs no ablations (study.ablations: []); profile 'extended' does")
 else:
     study.save_table(abl, cfg, "ablations", caption=f"Ablations (not in the paper). {cfg.study.reduced}")
@@ -57,15 +58,17 @@ if readings.empty:
     print(f"profile '{profile}' compares no FE readings (study.fe_arms: []); profile 'extended' does")
 else:
     study.save_table(per_seed, cfg, "fe_readings_per_seed",
-                     caption=f"FE readings, per seed: AP and AP - SSD (paired patient bootstrap). {cfg.study.reduced}")
+                     caption="FE readings, per seed: AP and AP - SSD (paired patient bootstrap). "
+                             f"{cfg.study.reduced}")
     study.save_table(readings, cfg, "fe_readings",
-                     caption=f"FE readings: mean AP over seeds, mean AP - SSD with a t-interval over seeds, SSD's "
-                             f"seed SD; the paper's one-run SSD-512 gain beside R1. {cfg.study.reduced}")
+                     caption="FE readings: mean AP over seeds, mean AP - SSD with a t-interval over seeds, "
+                             "SSD's seed SD; the paper's one-run SSD-512 gain beside R1. "
+                             f"{cfg.study.reduced}")
     study.save_figure(experiments.fe_readings_figure(per_seed), cfg, "fig_fe_readings")
 readings
 
 # %% [markdown]
-# ## Why: the train/test mismatch of each FE run (`cmbfe.mechanism`)
+# ## Why: the train/test mismatch of each FE run (`cmbfe.study.mechanism`)
 #
 # For every FE run of Table 2 (and of the readings above): the conv4_3 head input with FE (training) against
 # without (test), inside and outside the GT boxes, and the training loss on a fixed batch with FE on and off
@@ -73,16 +76,18 @@ readings
 # test is in `05_evaluate` (`results/box_scale.md`).
 
 # %%
-from cmbfe import mechanism
+from cmbfe.study import mechanism
 
 fe_runs = {f"SSD-FE {g['size']} seed {g['seed']}": study.ensure_run(study.grid_config(cfg, **g))
            for g in study.main_grid(cfg) if g["fe"]}
-fe_runs |= {f"{a} seed {s}": study.ensure_run(config.with_overrides(cfg, {**experiments.FE_ARMS[a], "train.seed": s}))
-            for a in cfg.study.fe_arms if a != "no FE" for s in cfg.study.seeds}
+arms = {f"{a} seed {s}": config.with_overrides(cfg, {**experiments.FE_ARMS[a], "train.seed": s})
+        for a in cfg.study.fe_arms if a != "no FE" for s in cfg.study.seeds}
+fe_runs |= {label: study.ensure_run(c) for label, c in arms.items()}
 mech = mechanism.mechanism_table(cfg, fe_runs, pre)
 study.save_table(mech, cfg, "fe_mechanism",
-                 caption="FE runs: head input with FE (training) vs without (test), inside / outside the GT boxes, "
-                         f"and the fixed-batch training loss with FE on / off at the end. {cfg.study.reduced}")
+                 caption="FE runs: head input with FE (training) vs without (test), inside / outside the GT "
+                         "boxes, and the fixed-batch training loss with FE on / off at the end. "
+                         f"{cfg.study.reduced}")
 gap_fig = mechanism.plot_fe_gap(fe_runs)
 if gap_fig is not None:
     study.save_figure(gap_fig, cfg, "fig_fe_gap")

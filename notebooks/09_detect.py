@@ -22,13 +22,16 @@ import shutil
 import pandas as pd
 from IPython.display import Image, display
 
-from cmbfe import cli, config, detect_model, detect_report, study
-from cmbfe.io import write_dicom_series
+from cmbfe import cli, config, study
+from cmbfe.detect.lesion_metrics import compare_with_truth
+from cmbfe.detect.report import html_pages
+from cmbfe.dicom_write import write_dicom_series
+from cmbfe.study import ship
 from cmbfe.synth import lesion_table, mimic_table, synthesize_patient
 
 cfg = config.load(profile)
 pre = study.ensure_data(cfg)
-model = detect_model.ensure_model(cfg, pre)
+model = ship.ensure_model(cfg, pre)
 print(f"model: {model.relative_to(config.REPO_ROOT)}\n")
 print((model / "README.md").read_text())
 
@@ -36,7 +39,7 @@ print((model / "README.md").read_text())
 # ## A held-out patient, written as a DICOM series, through `cmbfe detect`
 
 # %%
-assert patient_seed != cfg.synth.seed, "the held-out patient must come from another seed than the study's cohort"
+assert patient_seed != cfg.synth.seed, "the held-out patient must come from another seed than the study's"
 scfg = config.from_dict({"synth": {**cfg.to_dict()["synth"], "seed": patient_seed, "workers": 1}}).synth
 vol = synthesize_patient(patient_index, scfg)
 work = cfg.data_path() / "held_out"
@@ -55,7 +58,7 @@ cmbs.head(10)
 # ## The report (`report.pdf` / `report.html`): summary page and slice tiles
 
 # %%
-pages = detect_report.html_pages(out / "report.html")
+pages = html_pages(out / "report.html")
 if cfg.profile == config.COMMITTED_PROFILE:
     cfg.figures_path().mkdir(parents=True, exist_ok=True)
     (cfg.figures_path() / "fig_detect_report.png").write_bytes(pages[0])
@@ -69,14 +72,15 @@ for png in pages[:n_pages]:
 # first); other detected lesions are false positives, named after the mimic within reach (else `other`).
 
 # %%
-cmp = detect_model.compare_with_truth(cmbs, lesion_table(vol), mimic_table(vol))
+cmp = compare_with_truth(cmbs, lesion_table(vol), mimic_table(vol))
 c = cmp["counts"]
-summary = pd.DataFrame([{"patient": vol.patient_id, "seed": patient_seed, "CMBs": c["cmbs"], "found": c["hits"],
-                         "missed": c["misses"], "sensitivity": round(c["sensitivity"], 3),
-                         "false positives": c["fp"], **{f"FP on {k}": v for k, v in c["fp_by_mimic"].items()}}])
+fp_by_mimic = {f"FP on {k}": v for k, v in c["fp_by_mimic"].items()}
+summary = pd.DataFrame([{"patient": vol.patient_id, "seed": patient_seed, "CMBs": c["cmbs"],
+                         "found": c["hits"], "missed": c["misses"], "sensitivity": round(c["sensitivity"], 3),
+                         "false positives": c["fp"], **fp_by_mimic}])
 study.save_table(summary, cfg, "detect_held_out",
-                 caption=f"cmbfe detect on a held-out synthetic patient (seed {patient_seed}) with the shipped "
-                         f"model at its stored threshold; whole scan, every head slice searched.")
+                 caption=f"cmbfe detect on a held-out synthetic patient (seed {patient_seed}) with the "
+                         f"shipped model at its stored threshold; whole scan, every head slice searched.")
 summary
 
 # %%

@@ -130,7 +130,8 @@ def test_one_override_syntax():
 def test_choices_have_one_home():
     from typing import get_args
 
-    from cmbfe import data, experiments, fe, models
+    from cmbfe import data, fe, models
+    from cmbfe.study import experiments
 
     assert tuple(models.BACKBONES) == get_args(config.Backbone)
     assert fe.SCHEDULES == get_args(config.FESchedule) and fe.VARIANTS == get_args(config.FEVariant)

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from cmbfe.curves import plateau, plateau_table, plot_learning_curves, val_curve
+from cmbfe.study.curves import plateau, plateau_table, plot_learning_curves, val_curve
 
 
 def _run(tmp_path, name, aps, iterations=100):

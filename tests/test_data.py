@@ -227,3 +227,19 @@ def test_window_samples_are_reproducible_and_window_sized(pre):
     assert ((ta["boxes"] >= 0) & (ta["boxes"] <= 32)).all() and len(ta["boxes"]) == len(ta["labels"])
     shapes = {ds[(i, i)][0].shape for i in range(len(ds))}
     assert shapes == {(3, 32, 32)}
+
+
+def test_training_dataset_is_the_training_pool(pre):
+    from cmbfe import config as C
+    from cmbfe.data import training_dataset
+
+    cfg = C.load(None, ["model.size=256", "model.train_crop=128", "train.negatives_ratio=0.5",
+                        "train.seed=3"])
+    ds = training_dataset(cfg, pre)
+    ref = SliceDataset(pre, "train", negatives_ratio=0.5, seed=3)
+    assert [im["id"] for im in ds.images] == [im["id"] for im in ref.images] and ds.n_negative > 0
+    assert ds.window == 32 and ds.augment is not None  # 128 network px of a 256-px input, 64-px slices
+    plain = training_dataset(cfg, pre, augment=False, negatives=False)
+    assert plain.augment is None and plain.n_negative == 0 and plain.window == 32
+    image, target = plain[(0, 0)]
+    assert image.shape == (3, 32, 32) and target["boxes"].shape[1] == 4

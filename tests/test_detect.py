@@ -1,5 +1,5 @@
-"""``cmbfe detect``: inputs, 3D merging, coordinates (CSV <-> NIfTI mask round trip from DICOM and NIfTI input),
-reports, atomic outputs, one clear error per bad input, the exported model and its threshold.
+"""``cmbfe detect``: inputs, 3D merging, coordinates (CSV <-> NIfTI mask round trip from DICOM and NIfTI
+input), reports, atomic outputs, one clear error per bad input, the exported model and its threshold.
 
 Most tests use a hand-made phantom (a bright head with dark spheres at known positions) and a stand-in
 detector that boxes dark blobs, so that the geometry is checked exactly; the model plumbing uses a tiny
@@ -24,10 +24,14 @@ from torch import nn
 from cmbfe import cli
 from cmbfe import config as C
 from cmbfe import metrics as M
-from cmbfe.detect import Detector, load_detector, merge_lesions, run_detect
-from cmbfe.detect_io import CSV_COLUMNS, FLIP, OUTPUTS, find_scans
-from cmbfe.detect_model import compare_with_truth, export_model, lesion_threshold
-from cmbfe.io import write_dicom_series
+from cmbfe.detect.command import run_detect
+from cmbfe.detect.detector import Detector, load_detector
+from cmbfe.detect.export import export_model
+from cmbfe.detect.lesion_metrics import compare_with_truth, lesion_threshold
+from cmbfe.detect.outputs import OUTPUTS
+from cmbfe.detect.pipeline import CSV_COLUMNS, merge_lesions
+from cmbfe.detect.scans import FLIP, find_scans
+from cmbfe.dicom_write import write_dicom_series
 from cmbfe.models import build_model
 from cmbfe.volume import Volume
 
@@ -87,7 +91,8 @@ class BlobNet(nn.Module):
                     boxes.append([sl[1].start, sl[0].start, sl[1].stop, sl[0].stop])
                     scores.append(0.5 + min(size, 40) / 100)
             out.append({"boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
-                        "scores": torch.tensor(scores, dtype=torch.float32), "labels": torch.ones(len(scores))})
+                        "scores": torch.tensor(scores, dtype=torch.float32),
+                        "labels": torch.ones(len(scores))})
         return out
 
 
@@ -141,8 +146,8 @@ def _check_roundtrip(out: Path, truth_lps: np.ndarray, voxel_mm: float) -> pd.Da
     assert sorted(cents) == sorted(cmbs["lesion_id"])
     for _, row in cmbs.iterrows():
         ijk = row[["i", "j", "k"]].to_numpy(float)
-        assert np.allclose(nib.affines.apply_affine(img.affine, ijk), row[["x_ras_mm", "y_ras_mm", "z_ras_mm"]],
-                           atol=0.02)  # the CSV's voxel and mm agree through the mask's affine
+        ras = row[["x_ras_mm", "y_ras_mm", "z_ras_mm"]]  # CSV voxel and mm agree through the mask's affine
+        assert np.allclose(nib.affines.apply_affine(img.affine, ijk), ras, atol=0.02)
         c = cents[int(row["lesion_id"])]
         assert np.abs(c - ijk).max() < 0.6, (c, ijk)  # the mask's lesion sits where the CSV says
     return cmbs
@@ -179,7 +184,8 @@ def test_nifti_input_in_another_axis_order(tmp_path, blobnet):
     aff[:3, 3] = (-20, -30, 5)
     vol = phantom(aff)
     # stored as (z, x, y) with x flipped: the mask must come back on this grid, not the reoriented one
-    path = write_nifti(vol, tmp_path / "in" / "sub-007_space-T2S_desc-masked_T2S.nii.gz", [[1, -1], [2, 1], [0, 1]])
+    path = write_nifti(vol, tmp_path / "in" / "sub-007_space-T2S_desc-masked_T2S.nii.gz",
+                       [[1, -1], [2, 1], [0, 1]])
     scans, cohort = find_scans(path)
     assert [s.name for s in scans] == ["sub-007"] and not cohort
     out = run_detect(path, tmp_path / "out", model=blobnet)["out"]
@@ -201,15 +207,16 @@ def test_cohort_folder_and_threshold_override(tmp_path, blobnet):
     assert (table["n_cmb"] == 0).all() and (table["threshold"] == 0.99).all()  # every score < 0.99
     for p in ("P01", "P02"):
         assert sorted(f.name for f in (tmp_path / "out" / p).iterdir()) == sorted(OUTPUTS)
-        assert json.loads((tmp_path / "out" / p / "report.json").read_text())["threshold_source"] == "--threshold"
+        rep = json.loads((tmp_path / "out" / p / "report.json").read_text())
+        assert rep["threshold_source"] == "--threshold"
 
 
 def test_slices_are_byte_identical_to_cmbfe_preprocess(tmp_path, blobnet):
     """The network sees exactly the 8-bit slices training saw (the PNGs of ``cmbfe preprocess``)."""
     from PIL import Image
 
-    from cmbfe.detect import preprocess_volume
-    from cmbfe.detect_io import Scan, read_scan
+    from cmbfe.detect.pipeline import preprocess_volume
+    from cmbfe.detect.scans import Scan, read_scan
     from cmbfe.preprocess import preprocess_cohort
 
     write_dicom(phantom(), tmp_path / "raw" / "P01")
@@ -222,7 +229,8 @@ def test_slices_are_byte_identical_to_cmbfe_preprocess(tmp_path, blobnet):
 
 
 def test_merge_links_adjacent_slices_only():
-    boxes = np.array([[10, 10, 16, 16], [11, 11, 17, 17], [12, 10, 18, 16], [40, 40, 44, 44], [10, 10, 16, 16.0]])
+    boxes = np.array([[10, 10, 16, 16], [11, 11, 17, 17], [12, 10, 18, 16], [40, 40, 44, 44],
+                      [10, 10, 16, 16.0]])
     slices = np.array([3, 4, 5, 4, 9])
     scores = np.array([0.6, 0.9, 0.7, 0.8, 0.3])
     ids, les = merge_lesions(boxes, slices, scores, scores >= 0.5, 12, (2.0, 0.5, 0.5))
@@ -294,7 +302,8 @@ def test_bad_models_get_one_clear_error(tmp_path, random_model, capsys):
 # ------------------------------------------------------------------------------------------ the model
 def test_lesion_threshold_is_the_highest_reaching_the_target():
     n = 10  # ten 3D CMBs of one box each on ten slices, detected with scores 0.95, 0.85, ..., 0.05
-    gt = M.GroundTruth(image_ids=np.arange(n), image_patient=np.zeros(n, np.int64), image_slice=np.arange(n) * 5,
+    gt = M.GroundTruth(image_ids=np.arange(n), image_patient=np.zeros(n, np.int64),
+                       image_slice=np.arange(n) * 5,
                        image_spacing=np.ones((n, 2)), patient_ids=("p",),
                        boxes=np.tile([10.0, 10, 14, 14], (n, 1)), box_image=np.arange(n),
                        box_lesion=np.arange(n), n_lesions=n)
@@ -308,17 +317,38 @@ def test_lesion_threshold_is_the_highest_reaching_the_target():
     assert not r["reached"] and r["threshold"] == pytest.approx(0.55) and "NOT reached" in r["text"]
 
 
+def _evaluated(run: Path, pre: Path, split: str) -> tuple[M.GroundTruth, M.Detections]:
+    """A split of ``pre`` and ``run``'s detections on it, through the core only (no study cache)."""
+    from cmbfe import evaluate as E
+    from cmbfe import modelfolder
+    from cmbfe.datadir import DataDir
+    from cmbfe.predict import predict
+
+    mf = modelfolder.load(run)
+    gt = E.gt_from_coco(DataDir(pre).coco(split), split)
+    return gt, E.dets_from_coco(predict(mf.model, pre, split, input=mf.cfg.model.input), gt, split)
+
+
 def test_export_model_then_detect_with_it(tmp_path):
     from test_data import make_pre
 
+    from cmbfe.study.ship import export_run
     from cmbfe.train import fit
 
     pre = make_pre(tmp_path)
     cfg = C.load(None, [*FAST, "train.iterations=2", "train.batch_size=2", "train.checkpoint_every=0",
                         "model.input=2.5d"])
     fit(cfg, tmp_path / "run", data=pre, progress=False)
-    models = export_model(tmp_path / "run", tmp_path / "models", pre=pre, bootstrap=20)
+    run = tmp_path / "run"
+    models = export_model(run, tmp_path / "models", val=_evaluated(run, pre, "val"),
+                          test=_evaluated(run, pre, "test"), pre=pre, bootstrap=20)
     meta = json.loads((models / "detect.json").read_text())
+    # the study's export (cached predictions, cmbfe.study.runs) writes the same facts
+    shipped = export_run(run, tmp_path / "models_study", pre=pre, bootstrap=20)
+    again = json.loads((shipped / "detect.json").read_text())
+    for d in (meta, again):
+        d.pop("created")
+    assert again == meta
     assert meta["threshold_rule"]["level"] == "lesion (3D)" and meta["training_data"]["matrix"] == 64
     assert set(meta["test_metrics"]) >= {"lesion_sensitivity", "fp_per_scan", "ap_iou", "ap_centre"}
     card = (models / "README.md").read_text()
@@ -342,7 +372,8 @@ def test_compare_with_truth_counts_hits_misses_and_mimic_fps():
                          "z_lps_mm": [1.0, 0.0, 0.0]})
     truth = pd.DataFrame({"lesion_id": [7, 8], "x_mm": [0.5, 30.0], "y_mm": [0.0, 0.0], "z_mm": [0.0, 0.0],
                           "diameter_mm": [4.0, 4.0]})
-    mimics = pd.DataFrame({"kind": ["vein", "iron"], "x_mm": [10.0, 80.0], "y_mm": [0.0, 0.0], "z_mm": [0.0, 0.0],
+    mimics = pd.DataFrame({"kind": ["vein", "iron"], "x_mm": [10.0, 80.0], "y_mm": [0.0, 0.0],
+                           "z_mm": [0.0, 0.0],
                            "diameter_mm": [2.0, 6.0]})
     r = compare_with_truth(cmbs, truth, mimics)
     assert r["counts"] == {"cmbs": 2, "hits": 1, "misses": 1, "sensitivity": 0.5, "detections": 3, "fp": 2,
@@ -357,7 +388,8 @@ SHIPPED = C.REPO_ROOT / "models"
 @pytest.mark.skipif(not (SHIPPED / "model.pt").is_file() or not (SHIPPED / "detect.json").is_file(),
                     reason="no shipped model in models/ (make reproduce exports it; see models/README.md)")
 def test_shipped_model_finds_cmbs_on_an_unseen_patient(tmp_path):
-    """>= 80 % of the CMBs of a synthetic patient from a seed the study never used, at the stored threshold."""
+    """>= 80 % of the CMBs of a synthetic patient from a seed the study never used, at the stored
+    threshold."""
     from cmbfe.synth import lesion_table, mimic_table, synthesize_patient
 
     meta = json.loads((SHIPPED / "detect.json").read_text())

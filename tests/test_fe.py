@@ -235,3 +235,24 @@ def test_fast_on_a_realistic_batch():
     m = enhancement_mask(p, boxes, size=(64, 64))
     assert time.perf_counter() - t < 1.0  # ~20 ms on one core
     assert m.shape == (8, 1, 64, 64) and m.max() > 0
+
+
+def test_feature_enhancement_part():
+    """The FE part: identity unless bound; bound, it is apply_fe with the mask at the feature size and the
+    scheduled strength; progress is clamped; no state dict."""
+    part = fe.FeatureEnhancement(enabled=True, variant="mean", alpha=2.0, schedule="cosine", beta=1.5)
+    assert part.state_dict() == {} and part.context is None
+    inp = torch.rand(2, 3, 32, 32)
+    feat = torch.rand(2, 4, 8, 8)
+    boxes = [torch.tensor([[4.0, 4.0, 12.0, 12.0]]), torch.zeros(0, 4)]
+    assert torch.equal(part(feat, inp), feat)
+    part.set_progress(1.5)
+    assert part.progress == 1.0 and part.strength == pytest.approx(0.0, abs=1e-12)
+    part.set_progress(0.5)
+    with part.bound(boxes, 0.5, 0.25) as ctx:
+        got = part(feat, inp)
+    p = (inp[:, 1:2] * 0.25 + 0.5).clamp(min=0)
+    mask = enhancement_mask(p, boxes, (8, 8), 1.5)
+    torch.testing.assert_close(ctx.mask, mask)
+    torch.testing.assert_close(got, apply_fe(feat, mask, 1.0, "mean"))
+    assert part.context is None and torch.equal(part(feat, inp), feat)

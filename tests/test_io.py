@@ -13,6 +13,7 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
+from cmbfe.dicom_write import write_dicom_series
 from cmbfe.io import (
     InputError,
     find_valdo_pairs,
@@ -20,7 +21,6 @@ from cmbfe.io import (
     read_centroids,
     read_dicom_series,
     read_valdo,
-    write_dicom_series,
 )
 from cmbfe.volume import Lesion, Volume, slice_boxes
 

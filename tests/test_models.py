@@ -1,7 +1,9 @@
-"""cmbfe.models: pinned feature maps, anchors, FE placement, eval identity, training, pretrained loading."""
+"""cmbfe.models (with its parts in cmbfe.backbones and cmbfe.priors): pinned feature maps, anchors, FE placement
+and switch, eval identity, training, pretrained loading, the shipped weights."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import urllib.error
 
@@ -11,16 +13,11 @@ import torch.nn.functional as F
 import torchvision.models._api
 from torchvision.models import mobilenet_v3_large, resnet34, vgg
 
+from cmbfe import config as C
+from cmbfe.backbones import BACKBONES, pretrained_path
 from cmbfe.config import FEConfig, ModelConfig
-from cmbfe.models import (
-    BACKBONES,
-    FOV_MM,
-    FEContext,
-    build_model,
-    load_checkpoint_weights,
-    pretrained_path,
-    prior_spec,
-)
+from cmbfe.models import build_model, load_checkpoint_weights
+from cmbfe.priors import FOV_MM, PixelBoxGenerator, prior_spec
 
 SMALL = {"size": 128, "width": 0.125}
 
@@ -66,7 +63,7 @@ EMPTY = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)
     ],
 )
 def test_feature_map_sizes_pinned(backbone, size, maps):
-    bb = BACKBONES[backbone](size, 0.125, False, "post_l2norm").eval()
+    bb = BACKBONES[backbone](size, 0.125, False).eval()
     with torch.no_grad():
         feats = bb(torch.zeros(1, 3, size, size))  # a real forward, not the meta dry run
     assert [v.shape[-1] for v in feats.values()] == maps
@@ -134,21 +131,21 @@ def test_fe_changes_training_losses_only_when_enabled():
     lb = plain([img], [target(box)])
     assert not torch.allclose(la["classification"], lb["classification"])
     assert not torch.allclose(la["bbox_regression"], lb["bbox_regression"])
-    with_fe.fe_cfg.enabled = False
+    with_fe.fe.enabled = False  # the switch: the same network trains without FE
     lc = with_fe([img], [target(box)])
     assert torch.equal(lc["classification"], lb["classification"])
+    assert torch.equal(lc["bbox_regression"], lb["bbox_regression"])
 
 
 def _sources(model, img, box, enhanced: bool, variant: str = "fe"):
+    """The backbone's sources for one image, with FE bound to its box (alpha 1, beta 1.5) or not."""
     model.eval()
     batch, tgts = model.transform([img], [target(box)])
-    if enhanced:
-        model.backbone.fe_context = FEContext([tgts[0]["boxes"]], 1.0, 1.5, variant, 0.5, 0.25)
-    try:
-        with torch.no_grad():
-            return list(model.backbone(batch.tensors).values())
-    finally:
-        model.backbone.fe_context = None
+    model.fe.variant = variant
+    with torch.no_grad(), contextlib.ExitStack() as stack:
+        if enhanced:
+            stack.enter_context(model.fe.bound([tgts[0]["boxes"]], 0.5, 0.25))
+        return list(model.backbone(batch.tensors).values())
 
 
 @pytest.mark.parametrize("backbone", ["vgg16", "resnet34"])
@@ -202,7 +199,7 @@ def test_losses_decrease_on_a_dark_blob():
     torch.manual_seed(0)
     m = small("vgg16", fe=True)
     m.train()
-    m.set_progress(0.25)
+    m.fe.set_progress(0.25)
     img, box = blob()
     opt = torch.optim.Adam(m.parameters(), lr=1e-3)
     history = []
@@ -225,12 +222,13 @@ def test_losses_decrease_on_a_dark_blob():
 
 def test_set_progress_drives_alpha():
     m = build_model(ModelConfig(**SMALL), FEConfig(enabled=True, schedule="cosine", alpha=2.0))
-    m.set_progress(0.0)
-    assert m.alpha == pytest.approx(2.0)
-    m.set_progress(0.5)
-    assert m.alpha == pytest.approx(1.0)
-    m.set_progress(3.0)
-    assert m.alpha == pytest.approx(0.0, abs=1e-12)
+    m.fe.set_progress(0.0)
+    assert m.fe.strength == pytest.approx(2.0)
+    m.fe.set_progress(0.5)
+    assert m.fe.strength == pytest.approx(1.0)
+    m.fe.set_progress(3.0)
+    assert m.fe.strength == pytest.approx(0.0, abs=1e-12)
+    assert m.describe()["fe"]["alpha"] == 2.0  # the configured strength
 
 
 def test_invalid_configs():
@@ -320,8 +318,6 @@ def test_pixel_box_generator_is_torchvision_at_ref_size_and_fixed_in_pixels():
     from torchvision.models.detection.anchor_utils import DefaultBoxGenerator
     from torchvision.models.detection.image_list import ImageList
 
-    from cmbfe.models import PixelBoxGenerator
-
     ratios, scales = prior_spec("cmb", 3, [32, 16, 8])
     ours, tv = PixelBoxGenerator(ratios, scales, 256), DefaultBoxGenerator(ratios, scales=scales)
 
@@ -381,7 +377,7 @@ def test_vgg_batch_norm_option():
 def test_every_reading_is_the_identity_in_eval(variant):
     torch.manual_seed(0)
     with_fe, plain = small(fe=True, placement="pre_l2norm"), small(fe=False)
-    with_fe.fe_cfg.variant = variant
+    with_fe.fe.variant = variant
     plain.load_state_dict(with_fe.state_dict())
     img, box = blob(150)
     with_fe.eval()
@@ -427,10 +423,68 @@ def test_max_box_mm_drops_oversized_detections():
     img, _ = blob(128)
     with torch.no_grad():
         all_dets = m([img])[0]
-        m.model_cfg.max_box_mm = 8.0  # 240 / 128 = 1.875 mm per network (= image) px here: <= 4.27 px
+        m.max_box_mm = 8.0  # 240 / 128 = 1.875 mm per network (= image) px here: <= 4.27 px
         kept = m([img])[0]
     side = lambda b: torch.maximum(b[:, 2] - b[:, 0], b[:, 3] - b[:, 1])
     assert len(all_dets["boxes"]) > len(kept["boxes"]) and (side(all_dets["boxes"]) > 8.0 / 1.875).any()
     assert (side(kept["boxes"]) <= 8.0 / 1.875 + 1e-4).all()
     big = side(all_dets["boxes"]) <= 8.0 / 1.875 + 1e-4
     torch.testing.assert_close(kept["scores"], all_dets["scores"][big])  # the rest untouched, same order
+
+
+def test_fe_part_has_no_state_and_the_model_reads_no_config():
+    m = small(fe=True)
+    assert not list(m.fe.parameters()) and not list(m.fe.buffers())
+    assert not any(".fe." in k or k.startswith("fe.") for k in m.state_dict())
+    assert not any(isinstance(v, (ModelConfig, FEConfig)) for mod in m.modules() for v in vars(mod).values())
+    assert m.fe is m.backbone.fe and m.fe.context is None
+
+
+def test_fe_is_the_identity_unless_bound():
+    torch.manual_seed(0)
+    m = small(fe=True, placement="post_l2norm")
+    img, box = blob(size=128, r=10.0)
+    m.eval()
+    batch, tgts = m.transform([img], [target(box)])
+    with torch.no_grad():
+        plain = m.backbone(batch.tensors)["0"]
+        with m.fe.bound([tgts[0]["boxes"]], 0.5, 0.25) as ctx:
+            enh = m.backbone(batch.tensors)["0"]
+        again = m.backbone(batch.tensors)["0"]
+    assert ctx.mask is not None and not torch.equal(plain, enh) and torch.equal(plain, again)
+
+
+@pytest.mark.parametrize("width", [0.25, 1.0])
+def test_mobilenet_c4_is_torchvisions(width):
+    """The vendored C4 rule (last depthwise stride-2 block) picks torchvision's own ``_is_cn`` block."""
+    from cmbfe.backbones import _last_stride2_block
+
+    for reduced in (True, False):
+        feats = mobilenet_v3_large(width_mult=width, reduced_tail=reduced).features
+        want = [i for i, b in enumerate(feats) if getattr(b, "_is_cn", False)][-1]
+        assert _last_stride2_block(feats) == want
+
+
+def test_cmbfe_imports_no_private_torchvision_name():
+    import ast
+    from pathlib import Path
+
+    import cmbfe
+
+    bad = []
+    for path in Path(cmbfe.__file__).parent.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("torchvision"):
+                bad += [f"{path.name}: {a.name}" for a in node.names if a.name.startswith("_")]
+    assert not bad, bad
+
+
+SHIPPED = C.REPO_ROOT / "models"
+
+
+@pytest.mark.skipif(not (SHIPPED / "model.pt").is_file(), reason="no shipped model in models/")
+def test_shipped_weights_load_into_the_built_model():
+    """The committed model's state dict matches build_model's keys and shapes exactly (strict load)."""
+    cfg = C.load(SHIPPED / "config.yaml")
+    m = build_model(cfg.model, cfg.fe)
+    load_checkpoint_weights(m, SHIPPED / "model.pt")  # strict: a renamed or missing key fails here

@@ -12,8 +12,10 @@ from torch import nn
 
 from cmbfe import cli
 from cmbfe import config as C
+from cmbfe.cocoresults import coco_results
 from cmbfe.io import InputError
-from cmbfe.predict import detections_to_coco, load_model, predict
+from cmbfe.modelfolder import load, load_model
+from cmbfe.predict import detections_to_coco, predict
 from cmbfe.train import fit
 
 
@@ -57,6 +59,17 @@ def test_conversion_clips_to_image_and_is_xywh():
     assert [d["bbox"] for d in out] == [[0.0, 10.0, 20.0, 20.0], [60.0, 60.0, 4.0, 4.0]]
     assert all(d["image_id"] == 7 and d["category_id"] == 1 for d in out)
     assert [d["score"] for d in out] == [0.9, 0.5]
+
+
+def test_coco_results_keep_extra_fields_with_their_boxes():
+    boxes = [[1.0, 2.0, 4.0, 6.0], [5.0, 5.0, 5.0, 9.0], [0.25, 0.5, 1.0, 1.75]]  # the second has no area
+    out = coco_results(boxes, [0.5, 0.4, 0.3], [3, 4, 5], extra={"lesion_id": [1, 2, 0]})
+    assert out == [{"image_id": 3, "category_id": 1, "bbox": [1.0, 2.0, 3.0, 4.0], "score": 0.5,
+                    "lesion_id": 1},
+                   {"image_id": 5, "category_id": 1, "bbox": [0.25, 0.5, 0.75, 1.25], "score": 0.3,
+                    "lesion_id": 0}]
+    with pytest.raises(ValueError, match="lesion_id"):
+        coco_results(boxes, [0.5, 0.4, 0.3], 1, extra={"lesion_id": [1]})
 
 
 def test_predict_covers_every_image(run):
@@ -120,6 +133,15 @@ def test_load_model_and_cli_write_valid_coco(run, tmp_path, monkeypatch):
     # same weights, same detections as the in-process call
     again = predict(model, pre, "test", input="2.5d", batch_size=2)
     assert len(again) == len(dets) and again[0]["image_id"] == dets[0]["image_id"]
+
+
+def test_model_folder_loads_from_its_weights_file(run):
+    run_dir, _ = run
+    mf = load(run_dir / "model.pt")
+    assert mf.path == run_dir and mf.meta == {} and mf.card == "" and mf.training_geometry() is None
+    assert mf.cfg.model.input == "2.5d" and not mf.model.training
+    with pytest.raises(InputError, match="not a model"):
+        load(run_dir / "config.yaml")
 
 
 def test_missing_run_named(tmp_path):

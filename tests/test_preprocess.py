@@ -15,7 +15,8 @@ from pycocotools.coco import COCO
 
 from cmbfe import config
 from cmbfe.cli import main as cli_main
-from cmbfe.io import InputError, write_dicom_series
+from cmbfe.dicom_write import write_dicom_series
+from cmbfe.io import InputError
 from cmbfe.preprocess import (
     SPLITS,
     head_mask,
@@ -24,8 +25,8 @@ from cmbfe.preprocess import (
     preprocess_cohort,
     split_patients,
 )
-from cmbfe.report import box_size_table, table1
-from cmbfe.tables import write_table
+from cmbfe.study.report import box_size_table, table1
+from cmbfe.study.tables import write_table
 from cmbfe.volume import Lesion, Volume
 
 NZ, N = 10, 48

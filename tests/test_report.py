@@ -1,12 +1,13 @@
-"""cmbfe.report pieces that need no trained model (the notebooks' smoke runs cover the rest)."""
+"""cmbfe.study.report pieces that need no trained model (the notebooks' smoke runs cover the rest)."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from cmbfe import config, report, study
+from cmbfe import config, study
 from cmbfe import metrics as M
 from cmbfe.evaluate import dets_from_coco, gt_from_coco
+from cmbfe.study import report
 
 
 def _evaluated(dets: list[tuple]) -> dict:

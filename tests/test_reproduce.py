@@ -1,4 +1,5 @@
-"""The study runner: its checks without executing the study, and side-by-side execution of two tiny notebooks."""
+"""The study runner: its checks without executing the study, and side-by-side execution of two tiny
+notebooks."""
 
 import json
 import time
@@ -6,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from cmbfe import config, reproduce, study
+from cmbfe import config, study
 from cmbfe.config import ConfigError
+from cmbfe.study import reproduce, runs
 
 
 def test_every_notebook_has_a_parameters_cell_with_profile_and_no_outputs():
@@ -46,7 +48,8 @@ def test_misspelled_notebook_key_is_an_error():
 
 def test_parameter_names_parses_without_executing(tmp_path):
     nb = {"cells": [{"cell_type": "code", "metadata": {"tags": ["parameters"]},
-                     "source": ["profile = 'smoke'\n", "size: int | None = None\n", "import os; os._exit(3)\n"]}]}
+                     "source": ["profile = 'smoke'\n", "size: int | None = None\n",
+                                "import os; os._exit(3)\n"]}]}
     p = tmp_path / "01_x.ipynb"
     p.write_text(json.dumps(nb))
     assert reproduce.parameter_names(p) == {"profile", "size"}
@@ -91,23 +94,24 @@ def test_side_by_side_executions_get_their_threads_and_report_the_failing_cell(t
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
 
-    from cmbfe.reproduce import _execute
+    from cmbfe.study.reproduce import _execute
 
     ok, bad = tmp_path / "ok.ipynb", tmp_path / "bad.ipynb"
-    _tiny_notebook(ok, "import os\nimport torch\nassert os.environ['CMBFE_THREADS'] == '1', os.environ.get('CMBFE_THREADS')\n"
-                       "assert torch.get_num_threads() == 1, torch.get_num_threads()  # OMP pool sized too\ny = x")
+    _tiny_notebook(ok, "import os\nimport torch\n"
+                       "assert os.environ['CMBFE_THREADS'] == '1', os.environ.get('CMBFE_THREADS')\n"
+                       "assert torch.get_num_threads() == 1, torch.get_num_threads()  # OMP pool too\ny = x")
     _tiny_notebook(bad, "raise ValueError('boom at ' + str(x))")
-    runs = [(str(ok), str(tmp_path / "ok.out.ipynb"), {"x": 2}, 1),
+    jobs = [(str(ok), str(tmp_path / "ok.out.ipynb"), {"x": 2}, 1),
             (str(bad), str(tmp_path / "bad.out.ipynb"), {"x": 5}, 1)]
     with ProcessPoolExecutor(max_workers=2, mp_context=mp.get_context("spawn")) as pool:
-        r_ok, r_bad = pool.map(_execute, runs)
+        r_ok, r_bad = pool.map(_execute, jobs)
     assert r_ok["error"] is None and r_ok["seconds"] > 0
     assert r_bad["error"] is not None and "cell 2" in r_bad["error"] and "boom at 5" in r_bad["error"]
     assert (tmp_path / "bad.out.ipynb").exists()  # the executed copy with the traceback is kept
 
 
 def test_stage_groups_keep_order_and_join_only_independent_notebooks():
-    from cmbfe.reproduce import stage_groups
+    from cmbfe.study.reproduce import stage_groups
 
     nb = {n: Path(f"notebooks/{n}.ipynb") for n in
           ("01_data", "03_train", "05_evaluate", "06_cross_validation", "07_backbone_timing", "08_ablations")}
@@ -121,7 +125,7 @@ def test_stage_groups_keep_order_and_join_only_independent_notebooks():
 
 
 def _hold(lock: str, log: str, tag: str) -> None:
-    with study._locked(Path(lock)), open(log, "a") as fh:
+    with runs._locked(Path(lock)), open(log, "a") as fh:
         fh.write(f"{tag}+")
         fh.flush()
         time.sleep(0.3)

@@ -11,6 +11,9 @@ import pandas as pd
 import pytest
 
 from cmbfe import config, study
+from cmbfe.datadir import DataDir
+from cmbfe.errors import InputError
+from cmbfe.study import runs
 
 
 @pytest.fixture
@@ -36,13 +39,14 @@ PINNED = [
     ("default", "6f882915081b", {"size": 512, "fe": False, "seed": 1}, {}, "2cd2dbfce1eb"),
     ("default", "6f882915081b", {}, {"fe.enabled": True, "train.iterations": 30, "train.val_every": 0,
                                      "study.secondary": None}, "9096dbe578e0"),
-    ("paper", "614b542ff6b3", {"size": 300, "fe": False, "seed": 0}, {"model.pretrained": False}, "070bee2cfef2"),
+    ("paper", "614b542ff6b3", {"size": 300, "fe": False, "seed": 0}, {"model.pretrained": False},
+     "070bee2cfef2"),
 ]
 
 
 @pytest.mark.parametrize("profile, data_key, grid, over, key", PINNED)
 def test_run_keys_of_cached_runs_do_not_change(profile, data_key, grid, over, key, monkeypatch):
-    monkeypatch.setattr(study, "data_key", lambda cfg: data_key)
+    monkeypatch.setattr(runs, "data_key", lambda cfg: data_key)
     cfg = config.load(profile)
     over = {**THEN, **THEN_PROFILE.get(profile, {}), **over}
     if over.pop("study.secondary", 0) is None:
@@ -69,7 +73,8 @@ def test_grids_and_tags():
     grid = study.main_grid(cfg)
     assert len(grid) == len(cfg.study.sizes) * 2 * len(cfg.study.seeds)
     assert grid[0] == {"size": 512, "fe": False, "seed": 0}
-    c = study.grid_config(cfg, size=256, fe=True, seed=2, overrides={"model.priors": "paper", "model.train_crop": 0})
+    c = study.grid_config(cfg, size=256, fe=True, seed=2,
+                          overrides={"model.priors": "paper", "model.train_crop": 0})
     assert (c.model.size, c.fe.enabled, c.train.seed, c.model.priors) == (256, True, 2, "paper")
     assert study.run_tag(c) == "vgg16-256-paper-gray3-fe-pre_l2norm-constant-s2"
     assert study.grid_config(cfg) is cfg  # nothing to apply
@@ -84,8 +89,7 @@ def _fake_data(calls):
 
     def pre(raw, out, cfg, **kw):
         calls.append("preprocess")
-        (Path(out) / "annotations").mkdir(parents=True, exist_ok=True)
-        (Path(out) / "annotations" / "test.json").write_text("{}")
+        DataDir(out).write_split("test", {"images": []})
 
     return synth, pre
 
@@ -93,8 +97,8 @@ def _fake_data(calls):
 def test_ensure_data_builds_once_per_data_key(repo, monkeypatch):
     calls: list[str] = []
     synth, pre = _fake_data(calls)
-    monkeypatch.setattr(study, "synthesize_cohort", synth)
-    monkeypatch.setattr(study, "preprocess_cohort", pre)
+    monkeypatch.setattr(runs, "synthesize_cohort", synth)
+    monkeypatch.setattr(runs, "preprocess_cohort", pre)
     cfg = config.load("smoke")
     assert study.ensure_data(cfg) == cfg.pre_path() == repo / "data" / "smoke" / "pre"
     assert calls == ["synth", "preprocess"]
@@ -113,7 +117,7 @@ def test_ensure_run_trains_once_and_resumes(repo, monkeypatch):
         Path(run_dir).mkdir(parents=True, exist_ok=True)
         (Path(run_dir) / "model.pt").write_bytes(b"w")
 
-    monkeypatch.setattr(study, "fit", fake_fit)
+    monkeypatch.setattr(runs, "fit", fake_fit)
     cfg = config.load("smoke")
     run = study.ensure_run(cfg, progress=False)
     assert run.parent == cfg.runs_path() == repo / "runs" / "smoke"
@@ -134,13 +138,13 @@ def test_ensure_predictions_are_cached_in_the_run(tmp_path, monkeypatch):
     run.mkdir()
     config.dump(config.load("smoke", ["model.input=2.5d"]), run / "config.yaml")
     seen = []
-    monkeypatch.setattr(study, "load_model", lambda r: "model")
+    monkeypatch.setattr(runs, "load_model", lambda r: "model")
 
     def fake_predict(model, pre, split, *, input, batch_size):
         seen.append((model, split, input))
         return [{"image_id": 1, "category_id": 1, "bbox": [0, 0, 1, 1], "score": 0.5}]
 
-    monkeypatch.setattr(study, "predict", fake_predict)
+    monkeypatch.setattr(runs, "predict", fake_predict)
     dets = study.ensure_predictions(run, tmp_path / "pre", "val")
     assert dets[0]["score"] == 0.5 and seen == [("model", "val", "2.5d")]
     assert study.ensure_predictions(run, tmp_path / "pre", "val") == dets and len(seen) == 1
@@ -156,10 +160,33 @@ def test_tables_and_figures_go_to_the_profile_folders(repo):
     fig, _ = plt.subplots()
     paths = study.save_figure(fig, smoke, "f")
     plt.close(fig)
-    assert sorted(p.name for p in paths) == ["f.pdf", "f.png"] and paths[0].parent == repo / "figures" / "smoke"
+    assert sorted(p.name for p in paths) == ["f.pdf", "f.png"]
+    assert paths[0].parent == repo / "figures" / "smoke"
 
 
-def test_load_gt(tmp_path):
-    (tmp_path / "annotations").mkdir()
-    (tmp_path / "annotations" / "test.json").write_text('{"images": []}')
-    assert study.load_gt(tmp_path) == {"images": []}
+def test_the_package_is_the_notebook_api():
+    for name in study.__all__:
+        assert getattr(study, name) is getattr(runs, name), name
+
+
+def test_evaluate_run_on_a_split_reads_the_split_and_the_cached_detections(tmp_path):
+    from test_data import make_pre
+
+    pre = make_pre(tmp_path, {"train": ["P01"], "val": ["P02"], "test": ["P03", "P04"]})
+    run = tmp_path / "run"
+    run.mkdir()
+    cfg = config.load("smoke", ["eval.bootstrap=20"])
+    config.dump(cfg, run / "config.yaml")
+    coco = DataDir(pre).coco("test")
+    hits = [{"image_id": a["image_id"], "category_id": 1, "bbox": a["bbox"], "score": 0.9}
+            for a in coco["annotations"]]
+    (run / "dets_test.json").write_text(json.dumps(hits))  # cached predictions: nothing is predicted
+    got, gt, dets = study.gt_and_detections(run, pre, "test")
+    assert got == coco and gt.n_gt == len(coco["annotations"]) == len(dets.scores) > 0
+    r = study.evaluate_run(cfg, run, pre)
+    assert r["metrics"]["ap_voc"] == 1.0 and r["metrics"]["n_patients"] == 2 and r["run"] == run
+    assert r["coco"] == coco and r["metrics"]["bootstrap"]["ap_voc"]["lo"] == 1.0
+    (run / "dets_test.json").write_text(json.dumps(hits[:1]))
+    assert study.evaluate_run(cfg, run, pre, bootstrap=0)["metrics"]["ap_voc"] < 1.0
+    with pytest.raises(InputError, match="nope.json"):
+        study.evaluate_run(cfg, run, pre, split="nope")

@@ -14,7 +14,8 @@ import pytest
 from cmbfe import synth
 from cmbfe.cli import main as cli_main
 from cmbfe.config import SynthConfig
-from cmbfe.io import PHI_KEYWORDS, InputError
+from cmbfe.dicom_write import PHI_KEYWORDS
+from cmbfe.io import InputError
 from cmbfe.volume import slice_boxes, volume_slice_boxes
 
 LOCATIONS = {"lobar", "subcortical_wm", "basal_ganglia", "thalamus", "cerebellum", "brainstem"}

@@ -79,7 +79,8 @@ def test_smoke_training_loss_decreases(pre, tmp_path):
     info = json.loads((run / "model.json").read_text())
     assert info["model"]["backbone"] == "vgg16" and info["timings"]["step_s_median"] > 0
     # the final validation's detections are cached where study.ensure_predictions looks for them
-    from cmbfe.predict import load_model, predict
+    from cmbfe.modelfolder import load_model
+    from cmbfe.predict import predict
 
     cached = json.loads((run / "dets_val.json").read_text())
     assert cached == json.loads(json.dumps(predict(load_model(run), pre, "val", batch_size=4)))
@@ -175,8 +176,7 @@ def test_step_time_and_schedule(pre):
 
 
 def test_window_px_follows_pixel_scale(pre):
-    from cmbfe.data import SliceDataset
-    from cmbfe.train import window_px
+    from cmbfe.data import SliceDataset, window_px
 
     ds = SliceDataset(pre, "train")  # 64-px slices
     assert window_px(C.ModelConfig(size=256, train_crop=128), ds) == 32

@@ -1,12 +1,11 @@
 """Training-heavy experiments of the study: cross-validation (06), backbones and timing (07), ablations (08).
 
-Every run goes through :func:`cmbfe.study.ensure_run` (cached by configuration hash) and is evaluated with
-:func:`cmbfe.report.evaluate_run`; tables put this run beside the paper, labelled.
+Every run goes through :func:`cmbfe.study.runs.ensure_run` (cached by configuration hash) and is evaluated
+with :func:`cmbfe.study.runs.evaluate_run`; tables put this run beside the paper, labelled.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -15,43 +14,53 @@ import numpy as np
 import pandas as pd
 import torch
 
-from cmbfe import paper, stats, study
+from cmbfe import stats
 from cmbfe.config import Ablation, Config, FEArm, with_overrides
-from cmbfe.data import SliceDataset
+from cmbfe.data import training_dataset
+from cmbfe.datadir import SPLITS, DataDir
 from cmbfe.models import build_model
 from cmbfe.predict import resolve_device
-from cmbfe.report import PAPER, RUN, evaluate_run
 from cmbfe.runtime import device_description
-from cmbfe.train import build_optimizer, step_time, window_px
-from cmbfe.utils import atomic_write_json
+from cmbfe.study import paper, runs
+from cmbfe.study.report import PAPER, RUN
+from cmbfe.study.runs import evaluate_run
+from cmbfe.train import build_optimizer, step_time
 
 
-def _fold_dirs(cfg: Config, pre: Path) -> list[Path]:
-    """Write k patient-level folds as PRE-like folders (images symlinked, COCO train/val/test)."""
-    pre = Path(pre)
+def _pooled_slices(pre: DataDir) -> tuple[dict[str, dict], dict[str, list], list]:
+    """Every image of the PRE folder's splits by ``file_name``, their annotations by ``file_name``, and the
+    categories."""
     ims: dict[str, dict] = {}
     anns: dict[str, list] = {}
-    for split in ("train", "val", "test"):
-        coco = json.loads((pre / "annotations" / f"{split}.json").read_text())
+    cats: list = []
+    for split in SPLITS:
+        coco = pre.coco(split)
         by_id = {im["id"]: im for im in coco["images"]}
         for im in coco["images"]:
             ims.setdefault(im["file_name"], im)
         for a in coco["annotations"]:
             anns.setdefault(by_id[a["image_id"]]["file_name"], []).append(a)
         cats = coco["categories"]
+    return ims, anns, cats
+
+
+def _fold_dirs(cfg: Config, pre: Path) -> list[Path]:
+    """Write k patient-level folds as PRE folders (images and slice objects symlinked, COCO
+    train/val/test) under ``cfg.data_path() / cv<k>``."""
+    src = DataDir(pre)
+    ims, anns, cats = _pooled_slices(src)
     patients = sorted({im["patient_id"] for im in ims.values()})
     rng = np.random.default_rng(cfg.eval.seed)
     order = [patients[i] for i in rng.permutation(len(patients))]
     k = min(cfg.study.folds, len(patients))
     fold_of = {p: i % k for i, p in enumerate(order)}
-    root = cfg.data_path() / f"cv{k}"
     dirs = []
     for f in range(k):
-        d = root / f"fold{f:02d}"
-        (d / "annotations").mkdir(parents=True, exist_ok=True)
-        for name in ("images", "slice_objects.csv"):
-            if not (d / name).exists() and (pre / name).exists():
-                os.symlink(os.path.relpath(pre / name, d), d / name)
+        d = DataDir(cfg.data_path() / f"cv{k}" / f"fold{f:02d}")
+        d.annotations.mkdir(parents=True, exist_ok=True)
+        for link, target in ((d.images, src.images), (d.slice_objects, src.slice_objects)):
+            if not link.exists() and target.exists():
+                os.symlink(os.path.relpath(target, d.root), link)
         test_pat = {p for p, i in fold_of.items() if i == f}
         val_pat = {p for p, i in fold_of.items() if i == (f + 1) % k} if k > 2 else set()
         for split, pats in (("test", test_pat), ("val", val_pat),
@@ -67,9 +76,8 @@ def _fold_dirs(cfg: Config, pre: Path) -> list[Path]:
                 images.append({**im, "id": new_id})
                 for a in anns.get(im["file_name"], []):
                     annotations.append({**a, "id": len(annotations) + 1, "image_id": new_id})
-            atomic_write_json(d / "annotations" / f"{split}.json",
-                              {"images": images, "annotations": annotations, "categories": cats}, indent=None)
-        dirs.append(d)
+            d.write_split(split, {"images": images, "annotations": annotations, "categories": cats})
+        dirs.append(d.root)
     return dirs
 
 
@@ -85,7 +93,7 @@ def cross_validate(cfg: Config, pre: Path) -> pd.DataFrame:
         for fe in (False, True):
             c = with_overrides(cfg, {"fe.enabled": fe, "train.iterations": its, "train.val_every": 0,
                                      **cfg.study.secondary})
-            run = study.ensure_run(c, data=d)
+            run = runs.ensure_run(c, data=d)
             r = evaluate_run(c, run, d, bootstrap=0)
             row[f"AP {'SSD-FE' if fe else 'SSD'}"] = r["metrics"]["ap_voc"]
             row["test patients"] = r["metrics"]["n_patients"]
@@ -119,66 +127,80 @@ def _paper_table3_key(backbone: str) -> str:
     return next((k for k in paper.TABLE3 if k.split(":")[0] == base), "")
 
 
+def _step_times(cfg: Config, base: Config, pre: Path, device: torch.device) -> tuple[float, float]:
+    """Median seconds of one training step without and with FE on one fixed batch of ``study.timing_batch``
+    CMB slices of the training split (as training draws them, windows included, without augmentation), the
+    two models sharing their initial weights; ``study.timing_repeats`` interleaved steps each."""
+    ds = training_dataset(base, pre, augment=False, negatives=False)
+    batch = [ds[(i % len(ds), i)] for i in range(cfg.study.timing_batch)]
+    images = [b[0].to(device) for b in batch]
+    targets = [{"boxes": b[1]["boxes"].to(device), "labels": b[1]["labels"].to(device)} for b in batch]
+    torch.manual_seed(0)
+    models, opts = {}, {}
+    for fe in (False, True):
+        c = with_overrides(base, {"fe.enabled": fe})
+        models[fe] = build_model(c.model, c.fe).to(device)
+        if fe:
+            models[True].load_state_dict(models[False].state_dict())
+        opts[fe] = build_optimizer(models[fe], c.train)[0]
+    times: dict[bool, list[float]] = {False: [], True: []}
+    amp = device.type == "cuda" and cfg.train.amp
+    for rep in range(cfg.study.timing_repeats):
+        for fe in (False, True):
+            t = step_time(models[fe], images, targets, opts[fe], repeats=1, warmup=1 if rep == 0 else 0,
+                          amp=amp)
+            times[fe].append(t["median_s"])
+    return float(np.median(times[False])), float(np.median(times[True]))
+
+
+def _paper_table3_columns(backbone: str) -> dict[str, Any]:
+    """The paper's Table 3 row of the nearest backbone (labelled), or nothing."""
+    key = _paper_table3_key(backbone)
+    if not key:
+        return {}
+    p = paper.TABLE3[key]
+    return {f"paper model {PAPER}": key,
+            f"precision@90% SSD / SSD-FE {PAPER}": f"{p['precision'][0]:.3f} / {p['precision'][1]:.3f}",
+            f"s/batch of 8 SSD / SSD-FE {PAPER}": f"{p['s_per_batch'][0]:.3f} / {p['s_per_batch'][1]:.3f}",
+            f"FE time ratio {PAPER}": round(p["s_per_batch"][1] / p["s_per_batch"][0], 3)}
+
+
 def table3(cfg: Config, pre: Path) -> pd.DataFrame:
     """Table 3: per ``study.timing_backbones`` entry (``backbone:size``), precision at 90 % recall
-    without/with FE (trained ``study.timing_iterations``; only with ``study.timing_precision``) and training seconds per batch of
-    ``study.timing_batch`` (median over ``study.timing_repeats`` interleaved steps, same weights)."""
+    without/with FE (trained ``study.timing_iterations``; only with ``study.timing_precision``) and
+    training seconds per batch of ``study.timing_batch`` (:func:`_step_times`)."""
     its = cfg.study.timing_iterations or cfg.train.iterations
     device = resolve_device(cfg.train.device)
     dev = device_description()
-    dev_name = dev.get("gpu") if device.type == "cuda" else f"CPU {dev['cpu']} ({dev['torch_threads']} threads)"
+    cpu = f"CPU {dev['cpu']} ({dev['torch_threads']} threads)"
+    dev_name = dev.get("gpu") if device.type == "cuda" else cpu
     rows = []
     for spec in cfg.study.timing_backbones:
         backbone, size = spec.split(":")
-        base = with_overrides(cfg, {**cfg.study.secondary, "model.backbone": backbone, "model.size": int(size),
-                                    "train.iterations": its, "train.val_every": 0})
+        base = with_overrides(cfg, {**cfg.study.secondary, "model.backbone": backbone,
+                                    "model.size": int(size), "train.iterations": its, "train.val_every": 0})
         row: dict[str, Any] = {"backbone": backbone, "input": f"{size}x{size}"}
         for fe in (False, True) if cfg.study.timing_precision else ():
             c = with_overrides(base, {"fe.enabled": fe})
-            r = evaluate_run(c, study.ensure_run(c), pre, bootstrap=0)
-            row[f"precision@90% {'SSD-FE' if fe else 'SSD'} {RUN}"] = r["metrics"]["precision_at_sensitivity_0.9"]
-            row[f"AP {'SSD-FE' if fe else 'SSD'} {RUN}"] = r["metrics"]["ap_voc"]
-        ds = SliceDataset(pre, "train", input=base.model.input, negatives_ratio=0)
-        ds.window = window_px(base.model, ds)  # time the step that training runs (windows when configured)
-        batch = [ds[(i % len(ds), i)] for i in range(cfg.study.timing_batch)]
-        images = [b[0].to(device) for b in batch]
-        targets = [{"boxes": b[1]["boxes"].to(device), "labels": b[1]["labels"].to(device)} for b in batch]
-        torch.manual_seed(0)
-        models, opts = {}, {}
-        for fe in (False, True):
-            c = with_overrides(base, {"fe.enabled": fe})
-            models[fe] = build_model(c.model, c.fe).to(device)
-            if fe:
-                models[True].load_state_dict(models[False].state_dict())
-            opts[fe] = build_optimizer(models[fe], c.train)[0]
-        times: dict[bool, list[float]] = {False: [], True: []}
-        amp = device.type == "cuda" and cfg.train.amp
-        for rep in range(cfg.study.timing_repeats):
-            for fe in (False, True):
-                t = step_time(models[fe], images, targets, opts[fe], repeats=1, warmup=1 if rep == 0 else 0, amp=amp)
-                times[fe].append(t["median_s"])
-        t0, t1 = float(np.median(times[False])), float(np.median(times[True]))
+            m = evaluate_run(c, runs.ensure_run(c), pre, bootstrap=0)["metrics"]
+            row[f"precision@90% {'SSD-FE' if fe else 'SSD'} {RUN}"] = m["precision_at_sensitivity_0.9"]
+            row[f"AP {'SSD-FE' if fe else 'SSD'} {RUN}"] = m["ap_voc"]
+        t0, t1 = _step_times(cfg, base, pre, device)
         row[f"s/batch of {cfg.study.timing_batch} SSD {RUN}"] = round(t0, 4)
         row[f"s/batch SSD-FE {RUN}"] = round(t1, 4)
         row[f"FE time ratio {RUN}"] = round(t1 / t0, 3)
         row["device (this run)"] = dev_name
-        key = _paper_table3_key(backbone)
-        if key:
-            p = paper.TABLE3[key]
-            row[f"paper model {PAPER}"] = key
-            row[f"precision@90% SSD / SSD-FE {PAPER}"] = f"{p['precision'][0]:.3f} / {p['precision'][1]:.3f}"
-            row[f"s/batch of 8 SSD / SSD-FE {PAPER}"] = f"{p['s_per_batch'][0]:.3f} / {p['s_per_batch'][1]:.3f}"
-            row[f"FE time ratio {PAPER}"] = round(p["s_per_batch"][1] / p["s_per_batch"][0], 3)
-        rows.append(row)
+        rows.append(row | _paper_table3_columns(backbone))
     return pd.DataFrame(rows)
 
 
-# name (the values of config.Ablation) -> (reference label, reference overrides), (alternative label, alternative
-# overrides)
+# name (the values of config.Ablation) -> (reference label, reference overrides),
+# (alternative label, alternative overrides)
 ABLATIONS: dict[Ablation, list[tuple[str, dict[str, Any]]]] = {
     "placement": [("FE before L2Norm (R1, inline, paper-literal; default)",
                    {"fe.enabled": True, "fe.placement": "pre_l2norm"}),
-                  ("FE after conv4_3 L2Norm (R2, the head sees FE)", {"fe.enabled": True, "fe.placement": "post_l2norm"})],
+                  ("FE after conv4_3 L2Norm (R2, the head sees FE)",
+                   {"fe.enabled": True, "fe.placement": "post_l2norm"})],
     "schedule": [("FE, constant alpha (paper)", {"fe.enabled": True, "fe.schedule": "constant"}),
                  ("FE, cosine-decayed alpha", {"fe.enabled": True, "fe.schedule": "cosine"})],
     "variant": [("FE (multiplicative, paper)", {"fe.enabled": True, "fe.variant": "fe"}),
@@ -204,7 +226,7 @@ def ablations(cfg: Config, pre: Path) -> pd.DataFrame:
             for s in seeds:
                 c = with_overrides(cfg, {**cfg.study.secondary, "train.iterations": its, "train.seed": s,
                                          "train.val_every": 0, **over})
-                res.append(evaluate_run(c, study.ensure_run(c), pre))
+                res.append(evaluate_run(c, runs.ensure_run(c), pre))
             results.append((label, res))
         ref = results[0][1][0]
         for i, (label, res) in enumerate(results):
@@ -216,7 +238,8 @@ def ablations(cfg: Config, pre: Path) -> pd.DataFrame:
                                                  f"{res[0]['metrics']['bootstrap']['ap_voc']['hi']:.3f}]",
                    "precision@90% sens (mean)": float(np.mean(precs))}
             if i > 0:
-                pb = stats.paired_bootstrap(res[0]["boot"], ref["boot"], n=cfg.eval.bootstrap, seed=cfg.eval.seed)
+                pb = stats.paired_bootstrap(res[0]["boot"], ref["boot"], n=cfg.eval.bootstrap,
+                                            seed=cfg.eval.seed)
                 d = pb["ap_voc"]
                 row["AP diff vs reference [95% CI]"] = f"{d['diff']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}]"
                 row["p (paired bootstrap)"] = d["p"]
@@ -224,15 +247,19 @@ def ablations(cfg: Config, pre: Path) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _fe_on(placement: str, variant: str, schedule: str) -> dict[str, Any]:
+    return {"fe.enabled": True, "fe.placement": placement, "fe.variant": variant, "fe.schedule": schedule}
+
+
 # The readings of the paper's FE (README, "Feature enhancement"), each an arm of the paired comparison
 FE_ARMS: dict[FEArm, dict[str, Any]] = {
     "no FE": {"fe.enabled": False},
-    "R1": {"fe.enabled": True, "fe.placement": "pre_l2norm", "fe.variant": "fe", "fe.schedule": "constant"},
-    "R2 constant": {"fe.enabled": True, "fe.placement": "post_l2norm", "fe.variant": "fe", "fe.schedule": "constant"},
-    "R2 cosine": {"fe.enabled": True, "fe.placement": "post_l2norm", "fe.variant": "fe", "fe.schedule": "cosine"},
-    "R3": {"fe.enabled": True, "fe.placement": "pre_l2norm", "fe.variant": "l2n", "fe.schedule": "constant"},
-    "R4 cosine": {"fe.enabled": True, "fe.placement": "pre_l2norm", "fe.variant": "mean", "fe.schedule": "cosine"},
-    "AE cosine": {"fe.enabled": True, "fe.placement": "pre_l2norm", "fe.variant": "ae", "fe.schedule": "cosine"},
+    "R1": _fe_on("pre_l2norm", "fe", "constant"),
+    "R2 constant": _fe_on("post_l2norm", "fe", "constant"),
+    "R2 cosine": _fe_on("post_l2norm", "fe", "cosine"),
+    "R3": _fe_on("pre_l2norm", "l2n", "constant"),
+    "R4 cosine": _fe_on("pre_l2norm", "mean", "cosine"),
+    "AE cosine": _fe_on("pre_l2norm", "ae", "cosine"),
 }
 
 
@@ -249,7 +276,7 @@ def fe_readings(cfg: Config, pre: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
         return pd.DataFrame(), pd.DataFrame()
     if "no FE" not in arms:
         arms = ["no FE", *arms]
-    res = {(a, s): evaluate_run(c, study.ensure_run(c), pre)
+    res = {(a, s): evaluate_run(c, runs.ensure_run(c), pre)
            for a in arms for s in cfg.study.seeds
            for c in [with_overrides(cfg, {**FE_ARMS[a], "train.seed": s})]}
     rows = []
@@ -260,8 +287,8 @@ def fe_readings(cfg: Config, pre: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
             if a != "no FE":
                 d = stats.paired_bootstrap(r["boot"], base["boot"], n=cfg.eval.bootstrap, seed=cfg.eval.seed,
                                            ci=cfg.eval.ci)["ap_voc"]
-                row |= {"AP - no FE": d["diff"], "95% CI (paired patient bootstrap)": f"[{d['lo']:+.3f}, {d['hi']:+.3f}]",
-                        "p": d["p"]}
+                row |= {"AP - no FE": d["diff"],
+                        "95% CI (paired patient bootstrap)": f"[{d['lo']:+.3f}, {d['hi']:+.3f}]", "p": d["p"]}
             rows.append(row)
     per_seed = pd.DataFrame(rows)
     base_sd = float(np.std(per_seed.loc[per_seed["arm"] == "no FE", f"AP {RUN}"], ddof=1)) \
@@ -273,8 +300,8 @@ def fe_readings(cfg: Config, pre: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
                f"no-FE seed SD {RUN}": base_sd}
         if a != "no FE":
             cs = stats.combine_seeds(sub["AP - no FE"].to_numpy())
-            row |= {f"mean AP - no FE {RUN}": cs["mean"],
-                    "95% t-interval over seeds": f"[{cs['lo']:+.3f}, {cs['hi']:+.3f}]" if np.isfinite(cs["lo"]) else ""}
+            ci = f"[{cs['lo']:+.3f}, {cs['hi']:+.3f}]" if np.isfinite(cs["lo"]) else ""
+            row |= {f"mean AP - no FE {RUN}": cs["mean"], "95% t-interval over seeds": ci}
         row[f"SSD-FE - SSD {PAPER}"] = paper.TABLE2_FE_GAIN if a == "R1" else np.nan
         summary.append(row)
     return per_seed, pd.DataFrame(summary)
@@ -294,7 +321,8 @@ def fe_readings_figure(per_seed: pd.DataFrame) -> Any:
             ax.errorbar(x, r["AP - no FE"], yerr=[[r["AP - no FE"] - lo], [hi - r["AP - no FE"]]], fmt="o",
                         ms=4, capsize=2, color=f"C{j}", label=f"seed {r['seed']}" if i == 0 else None)
     ax.axhline(0, color="0.5", lw=0.8)
-    ax.axhline(paper.TABLE2_FE_GAIN, color="C3", ls="--", lw=0.8, label=f"paper SSD-512 +{paper.TABLE2_FE_GAIN:.3f}")
+    ax.axhline(paper.TABLE2_FE_GAIN, color="C3", ls="--", lw=0.8,
+               label=f"paper SSD-512 +{paper.TABLE2_FE_GAIN:.3f}")
     ax.set_xticks(range(len(arms)), arms, rotation=20)
     ax.set_ylabel("AP - no FE (paired)")
     ax.legend(fontsize=7)

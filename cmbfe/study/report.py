@@ -8,7 +8,6 @@ paper's numbers are labelled ``(paper, private data)``.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -16,14 +15,16 @@ import numpy as np
 import pandas as pd
 import torch
 
-from cmbfe import curves, paper, stats, study, viz
 from cmbfe import evaluate as E
 from cmbfe import metrics as M
+from cmbfe import stats, viz
 from cmbfe.config import Config, load
 from cmbfe.data import SliceDataset, read_png
+from cmbfe.datadir import SPLITS, DataDir
 from cmbfe.errors import InputError
-from cmbfe.predict import load_model
-from cmbfe.preprocess import SPLITS
+from cmbfe.modelfolder import load_model
+from cmbfe.study import curves, paper
+from cmbfe.study.runs import ensure_predictions, ensure_run, evaluate_run, grid_config, main_grid
 
 PAPER = f"({paper.LABEL})"
 RUN = "(this run)"
@@ -32,14 +33,15 @@ RUN = "(this run)"
 def table1(pre_dir: str | Path) -> pd.DataFrame:
     """Table 1 of a PRE folder: per split (and total), patients / CMB slices / CMBs (per-slice boxes,
     as the paper counts) of this run beside the paper's numbers, plus this run's 3D CMB count."""
-    pre = Path(pre_dir)
-    if not (pre / "splits.csv").is_file():
-        raise InputError(f"{pre}/splits.csv: not found (unlabelled data or not a preprocessed folder)")
-    splits = pd.read_csv(pre / "splits.csv")
+    pre = DataDir(pre_dir)
+    if not pre.splits_csv.is_file():
+        raise InputError(f"{pre.splits_csv}: not found (unlabelled data or not a preprocessed folder)")
+    splits = pd.read_csv(pre.splits_csv)
     label = paper.LABEL
-    rows = []
+    rows, allc = [], []
     for s in SPLITS:
-        coco = json.loads((pre / "annotations" / f"{s}.json").read_text())
+        coco = pre.coco(s)
+        allc.append(coco)
         pid_of = {im["id"]: im["patient_id"] for im in coco["images"]}
         anns = coco["annotations"]
         rows.append({"split": s, "patients (this run)": int((splits["split"] == s).sum()),
@@ -51,7 +53,6 @@ def table1(pre_dir: str | Path) -> pd.DataFrame:
                      **_size_columns(box_sides_mm(coco))})
     df = pd.DataFrame(rows)
     total = {c: (df[c].sum() if c != "split" else "total") for c in df.columns}
-    allc = [json.loads((pre / "annotations" / f"{s}.json").read_text()) for s in SPLITS]
     total |= _size_columns(np.concatenate([box_sides_mm(c) for c in allc]))
     return pd.concat([df, pd.DataFrame([total])], ignore_index=True)
 
@@ -62,7 +63,8 @@ def box_sides_mm(coco: dict[str, Any]) -> np.ndarray:
     sp = {im["id"]: im.get("pixel_spacing_mm", [1.0, 1.0]) for im in coco["images"]}
     sides = np.array([max(a["bbox"][2] * sp[a["image_id"]][1], a["bbox"][3] * sp[a["image_id"]][0])
                       for a in coco["annotations"]], dtype=float)
-    return np.round(sides, 3)  # to 1e-3 mm, as metrics.recall_by_size: COCO's 1e-4 px rounding reads 2 mm as 1.99997
+    # to 1e-3 mm, as metrics.recall_by_size: COCO's 1e-4 px rounding reads 2 mm as 1.99997
+    return np.round(sides, 3)
 
 
 def _size_columns(sides: np.ndarray) -> dict[str, Any]:
@@ -76,17 +78,16 @@ def _size_columns(sides: np.ndarray) -> dict[str, Any]:
 
 def box_size_table(pre_dir: str | Path) -> pd.DataFrame:
     """Distribution of the CMB box side (longer side, mm) per split under this PRE's label model, and under
-    the geometric model where ``PRE/annotations/<split>_geometric.json`` exists (same images)."""
-    pre = Path(pre_dir)
+    the geometric model where the PRE folder has the split's geometric boxes (same images)."""
+    pre = DataDir(pre_dir)
     bins = [0.0, 2.0, 3.0, 5.0, 10.0, np.inf]
     names = ["< 2 mm", "2-3 mm", "3-5 mm", "5-10 mm", ">= 10 mm"]
     rows = []
     for s in SPLITS:
-        for label, path in (("as labelled", pre / "annotations" / f"{s}.json"),
-                            ("geometric", pre / "annotations" / f"{s}_geometric.json")):
-            if not path.is_file():
+        for label, geometric in (("as labelled", False), ("geometric", True)):
+            if not pre.has_split(s, geometric=geometric):
                 continue
-            sides = box_sides_mm(json.loads(path.read_text()))
+            sides = box_sides_mm(pre.coco(s, geometric=geometric))
             counts = np.histogram(sides, bins=bins)[0] if len(sides) else np.zeros(len(names), int)
             rows.append({"split": s, "labels": label, "boxes": len(sides),
                          "median side mm": float(np.median(sides)) if len(sides) else np.nan,
@@ -94,33 +95,12 @@ def box_size_table(pre_dir: str | Path) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def evaluate_run(cfg: Config, run_dir: Path, pre: Path, *, split: str = "test",
-                 bootstrap: int | None = None) -> dict[str, Any]:
-    """Evaluate ``run_dir``'s model on ``PRE/annotations/<split>.json``.
-
-    Returns ``metrics`` (the ``cmbfe evaluate`` dict, bootstrap CIs included), ``curve``, ``boot``
-    (:class:`cmbfe.stats.BootData`), ``gt``, ``dets`` and ``coco`` (the GT JSON).
-    """
-    gt_path = Path(pre) / "annotations" / f"{split}.json"
-    coco = json.loads(gt_path.read_text())
-    gt = E.gt_from_coco(coco, str(gt_path))
-    dets = E.dets_from_coco(study.ensure_predictions(run_dir, pre, split), gt, f"{run_dir}/dets")
-    obj_path = Path(pre) / "slice_objects.csv"
-    objects = E.load_slice_objects(obj_path, gt) if obj_path.exists() else None
-    n_boot = cfg.eval.bootstrap if bootstrap is None else bootstrap
-    res = E.evaluate(gt, dets, match=cfg.eval.match, iou=cfg.eval.iou, radius_mm=cfg.eval.radius_mm,
-                     objects=objects, bootstrap=n_boot, seed=cfg.eval.seed, ci=cfg.eval.ci)
-    res["boot"] = stats.prepare(gt, dets, res["matching"])
-    res.update(gt=gt, dets=dets, coco=coco, run=Path(run_dir))
-    return res
-
-
 def evaluate_main(cfg: Config, pre: Path) -> dict[tuple[int, bool, int], dict[str, Any]]:
-    """Train (if needed) and evaluate every configuration of :func:`cmbfe.study.main_grid`."""
+    """Train (if needed) and evaluate every configuration of :func:`cmbfe.study.runs.main_grid`."""
     out = {}
-    for g in study.main_grid(cfg):
-        c = study.grid_config(cfg, **g)
-        out[(g["size"], g["fe"], g["seed"])] = evaluate_run(c, study.ensure_run(c), pre)
+    for g in main_grid(cfg):
+        c = grid_config(cfg, **g)
+        out[(g["size"], g["fe"], g["seed"])] = evaluate_run(c, ensure_run(c), pre)
     return out
 
 
@@ -202,8 +182,8 @@ def curves_figures(cfg: Config, ev: dict) -> tuple[Any, Any]:
 
 
 def table4(cfg: Config, ev: dict) -> pd.DataFrame:
-    """Table 4: at the highest score threshold that still reaches 90 % sensitivity, this run (mean over seeds) and the
-    paper's rows as published (comparators quoted, not rerun)."""
+    """Table 4: at the highest score threshold that still reaches 90 % sensitivity, this run (mean over seeds)
+    and the paper's rows as published (comparators quoted, not rerun)."""
     rows = []
     for size in cfg.study.sizes:
         for fe in (False, True):
@@ -245,6 +225,11 @@ def mimic_table(cfg: Config, ev: dict) -> pd.DataFrame:
     return pd.DataFrame(rows).fillna(0)
 
 
+def _rule_text(cfg: Config, rule: str) -> str:
+    """A matching rule as a column label: ``IoU >= 0.5`` or ``centre <= 2.5 mm``."""
+    return f"IoU >= {cfg.eval.iou:g}" if rule == "iou" else f"centre <= {cfg.eval.radius_mm:g} mm"
+
+
 def _centre_matching(cfg: Config, r: dict[str, Any]) -> Any:
     """The VALDO-style matching of an evaluated run: box centres <= ``eval.radius_mm`` apart (computed
     once per run and kept in ``r``, as both :func:`size_table` and :func:`box_scale_table` need it)."""
@@ -267,7 +252,7 @@ def size_table(cfg: Config, ev: dict) -> pd.DataFrame:
         for fe in (False, True):
             runs = [ev[(size, fe, s)] for s in cfg.study.seeds]
             for rule in ("iou", "centre"):
-                label = f"IoU >= {cfg.eval.iou:g}" if rule == "iou" else f"centre <= {cfg.eval.radius_mm:g} mm"
+                label = _rule_text(cfg, rule)
                 ms = [r["matching"] if rule == "iou" else _centre_matching(cfg, r) for r in runs]
                 rec = [M.recall_by_size(r["gt"], m) for r, m in zip(runs, ms)]
                 row: dict[str, Any] = {"model": _name(size, fe), "match": label, "seeds": len(runs),
@@ -286,12 +271,11 @@ def size_table(cfg: Config, ev: dict) -> pd.DataFrame:
 def label_model_table(cfg: Config, ev: dict, pre: Path) -> pd.DataFrame:
     """AP of every model (mean over seeds; IoU rule and centre rule) against the test split's boxes as
     labelled (``preprocess.labels``) and against the geometric boxes of the same images
-    (``PRE/annotations/test_geometric.json``, written when the labels are not geometric). Same detections."""
-    geo_path = Path(pre) / "annotations" / "test_geometric.json"
+    (the PRE folder's geometric test split, written when the labels are not geometric). Same detections."""
+    d = DataDir(pre)
     geo = None
-    if geo_path.is_file():
-        coco = json.loads(geo_path.read_text())
-        geo = E.gt_from_coco(coco, str(geo_path))
+    if d.has_split("test", geometric=True):
+        geo = E.gt_from_coco(d.coco("test", geometric=True), str(d.split_path("test", geometric=True)))
     rows = []
     for size in cfg.study.sizes:
         for fe in (False, True):
@@ -304,12 +288,11 @@ def label_model_table(cfg: Config, ev: dict, pre: Path) -> pd.DataFrame:
                     aps = []
                     for r in runs:
                         g = r["gt"] if gt is None else gt
-                        d = r["dets"] if gt is None else E.dets_from_coco(
-                            study.ensure_predictions(r["run"], pre, "test"), g)
-                        m = E.evaluate(g, d, match=rule, iou=cfg.eval.iou, radius_mm=cfg.eval.radius_mm)
+                        dets = r["dets"] if gt is None else E.dets_from_coco(
+                            ensure_predictions(r["run"], pre, "test"), g)
+                        m = E.evaluate(g, dets, match=rule, iou=cfg.eval.iou, radius_mm=cfg.eval.radius_mm)
                         aps.append(m["metrics"]["ap_voc"])
-                    rule_txt = f"IoU >= {cfg.eval.iou:g}" if rule == "iou" else f"centre <= {cfg.eval.radius_mm:g} mm"
-                    row[f"AP, {labels} boxes, {rule_txt} {RUN}"] = float(np.mean(aps))
+                    row[f"AP, {labels} boxes, {_rule_text(cfg, rule)} {RUN}"] = float(np.mean(aps))
             rows.append(row)
     return pd.DataFrame(rows)
 
@@ -341,13 +324,16 @@ def box_scale_table(cfg: Config, ev: dict, min_side_px: float = 5.0) -> pd.DataF
                 ratio = side_d / np.maximum(side_g, 1e-9)
                 big = side_g >= min_side_px
                 rows.append({"model": _name(size, fe), "seed": s, "matched GT boxes": int(sel.sum()),
-                             f"median predicted/GT side {RUN}": float(np.median(ratio)) if sel.any() else np.nan,
+                             f"median predicted/GT side {RUN}": _median(ratio),
                              f"matched GT boxes, side >= {min_side_px:g} px": int(big.sum()),
-                             f"same ratio, GT side >= {min_side_px:g} px {RUN}":
-                                 float(np.median(ratio[big])) if big.any() else np.nan,
-                             f"median IoU of the pairs {RUN}": float(np.median(M.iou_pairs(db, gb))) if sel.any()
-                             else np.nan})
+                             f"same ratio, GT side >= {min_side_px:g} px {RUN}": _median(ratio[big]),
+                             f"median IoU of the pairs {RUN}": _median(M.iou_pairs(db, gb))})
     return pd.DataFrame(rows)
+
+
+def _median(x: np.ndarray) -> float:
+    """Median, NaN for no values."""
+    return float(np.median(x)) if len(x) else np.nan
 
 
 def _threshold(m: dict) -> float:
@@ -403,7 +389,7 @@ def fe_difference_tiles(cfg: Config, ev: dict, pre: Path, n: int = 8) -> tuple[A
         ims, gts, dts, crops, titles = [], [], [], [], []
         for row, box, label in items:  # row: image row of ``gt`` (not the COCO id)
             meta = images[int(gt.image_ids[row])]
-            arr = read_png(Path(pre) / "images" / meta["file_name"])
+            arr = read_png(DataDir(pre).image_path(meta["file_name"]))
             ims.append(arr)
             gts.append(gt.boxes[gt.box_image == row])
             dts.append(box.reshape(-1, 4))
@@ -433,5 +419,5 @@ def fe_examples(run_dir: Path, pre: Path, n: int = 3) -> dict[str, Any]:
     out["boxes"] = [b[1]["boxes"].numpy() * scale for b in batch]
     out["titles"] = [f"{ds.images[int(i)].get('patient_id', '')} z{ds.images[int(i)].get('slice_index', '')}"
                      for i in idx]
-    out["alpha"] = model.fe_cfg.alpha
+    out["alpha"] = model.fe.alpha
     return out

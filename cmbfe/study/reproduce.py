@@ -14,7 +14,7 @@ A failure names the notebook and the cell and leaves earlier results in place.
 (tiny CPU convolutions scale poorly with threads, so two one-thread trainings finish sooner than two
 two-thread ones in a row): the configurations of a multi-configuration notebook (03_train), and the
 notebooks of one stage of :data:`STAGES` (06-08 need only the data, not each other). Runs they share
-are trained once (:func:`cmbfe.study.ensure_run` locks).
+are trained once (:func:`cmbfe.study.runs.ensure_run` locks).
 """
 
 from __future__ import annotations
@@ -98,9 +98,11 @@ def check_profile(cfg: Config) -> None:
 
 
 def _source_hash() -> str:
+    """Hash of the package's code (every ``cmbfe/**/*.py``, with its path)."""
     h = hashlib.sha256()
-    for p in sorted((REPO_ROOT / "cmbfe").glob("*.py")):
-        h.update(p.name.encode())
+    pkg = REPO_ROOT / "cmbfe"
+    for p in sorted(pkg.rglob("*.py")):
+        h.update(p.relative_to(pkg).as_posix().encode())
         h.update(p.read_bytes())
     return h.hexdigest()[:16]
 
@@ -166,18 +168,79 @@ def stage_groups(jobs: list[tuple]) -> list[list[tuple]]:
     return groups
 
 
+def _select(nbs: list[Path], only: list[str] | None) -> list[Path]:
+    """The notebooks ``--only`` names (by name or number; all when None)."""
+    if not only:
+        return nbs
+    names = {o.removesuffix(".ipynb") for o in only}
+    missing = names - {p.stem for p in nbs} - {p.stem.split("_", 1)[0] for p in nbs}
+    if missing:
+        raise ConfigError(f"--only {sorted(missing)}: no such notebook")
+    return [p for p in nbs if p.stem in names or p.stem.split("_", 1)[0] in names]
+
+
+def _pending(cfg: Config, nbs: list[Path], out_dir: Path, stamps: dict[str, str],
+             force: bool) -> list[tuple[Path, str, dict[str, Any], str]]:
+    """``(notebook, execution name, parameters, stamp)`` of every execution to run: all with ``force``,
+    else those whose stamp changed, whose executed copy is missing, or whose data is not on this machine."""
+    pending = []
+    local = (cfg.data_path() / "data_key.json").exists()  # a fresh clone has committed results, no data
+    for nb in nbs:
+        sets = notebook_parameters(cfg, nb)
+        for i, params in enumerate(sets):
+            name = nb.stem if len(sets) == 1 else f"{nb.stem}-{i + 1:02d}"
+            stamp = _stamp(cfg, nb, params)
+            if not force and local and stamps.get(name) == stamp and (out_dir / f"{name}.ipynb").exists():
+                print(f"[cmbfe reproduce] {name}: unchanged, skipped (use --force to rerun)", flush=True)
+                continue
+            pending.append((nb, name, params, stamp))
+    return pending
+
+
+def _run_group(group: list[tuple], n_jobs: int, out_dir: Path) -> list[dict[str, Any]]:
+    """Execute one stage group (side by side when ``n_jobs`` > 1, one thread share each; in a row otherwise,
+    stopping at the first failure) into ``out_dir/.<name>.running.ipynb``; the results in order."""
+    width = min(n_jobs, len(group))
+    threads = max(1, (os.cpu_count() or 1) // width) if width > 1 else 0
+    for nb, name, params, _ in group:
+        print(f"[cmbfe reproduce] {name}: {'queued' if width > 1 else 'running'} with {params}", flush=True)
+    if width > 1:
+        what = ", ".join(dict.fromkeys(nb.stem for nb, *_ in group))
+        print(f"[cmbfe reproduce] {len(group)} executions of {what}, {width} at a time, "
+              f"{threads} thread(s) each", flush=True)
+    runs = [(str(nb), str(out_dir / f".{name}.running.ipynb"), params, threads)
+            for nb, name, params, _ in group]
+    if width > 1:
+        with ProcessPoolExecutor(max_workers=width, mp_context=mp.get_context("spawn")) as pool:
+            return list(pool.map(_execute, runs))
+    results: list[dict[str, Any]] = []
+    for run in runs:
+        results.append(_execute(run))
+        if results[-1]["error"]:
+            break
+    return results
+
+
+def _provenance(cfg: Config, overrides: tuple[str, ...], started: str, timings: dict[str, float],
+                status: int) -> dict[str, Any]:
+    """What ``results/.../provenance.json`` records about this reproduction."""
+    return {
+        "profile": cfg.profile, "params_hash": cfg.hash(), "params_file": f"params/{cfg.profile}.yaml",
+        "overrides": list(overrides), "git_commit": git_commit(), "device": device_description(),
+        "packages": package_versions(), "data_source": f"synthetic (cmbfe synth, seed {cfg.synth.seed}, "
+        f"{cfg.synth.patients} patients, matrix {cfg.synth.matrix})", "started": started,
+        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "notebook_seconds": timings, "status": "ok" if status == 0 else "failed",
+        "reduced": cfg.study.reduced,
+    }
+
+
 def reproduce(profile: str, *, only: list[str] | None = None, force: bool = False,
               overrides: tuple[str, ...] = ()) -> int:
     """Run the study notebooks for ``profile``; return 0 on success, 1 on a notebook failure."""
     cfg = config.load(profile, list(overrides))
     check_profile(cfg)
-    nbs = notebooks()
-    if only:
-        names = {o.removesuffix(".ipynb") for o in only}
-        missing = names - {p.stem for p in nbs} - {p.stem.split("_", 1)[0] for p in nbs}
-        if missing:
-            raise ConfigError(f"--only {sorted(missing)}: no such notebook")
-        nbs = [p for p in nbs if p.stem in names or p.stem.split("_", 1)[0] in names]
+    nbs = _select(notebooks(), only)
     out_dir = cfg.results_path() / "notebooks"
     out_dir.mkdir(parents=True, exist_ok=True)
     stamps_path = out_dir / "stamps.json"
@@ -186,42 +249,8 @@ def reproduce(profile: str, *, only: list[str] | None = None, force: bool = Fals
     timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     status = 0
-    jobs = []
-    for nb in nbs:
-        sets = notebook_parameters(cfg, nb)
-        for i, params in enumerate(sets):
-            name = nb.stem if len(sets) == 1 else f"{nb.stem}-{i + 1:02d}"
-            jobs.append((nb, name, params))
-    pending = []
-    for nb, name, params in jobs:
-        stamp = _stamp(cfg, nb, params)
-        target = out_dir / f"{name}.ipynb"
-        local = (cfg.data_path() / "data_key.json").exists()  # a fresh clone has committed results, no data
-        if not force and local and stamps.get(name) == stamp and target.exists():
-            print(f"[cmbfe reproduce] {name}: unchanged, skipped (use --force to rerun)", flush=True)
-            continue
-        pending.append((nb, name, params, stamp))
-    groups = stage_groups(pending)
-    n_jobs = max(1, int(cfg.study.jobs))
-    for group in groups:
-        width = min(n_jobs, len(group))
-        threads = max(1, (os.cpu_count() or 1) // width) if width > 1 else 0
-        for nb, name, params, _ in group:
-            print(f"[cmbfe reproduce] {name}: {'queued' if width > 1 else 'running'} with {params}", flush=True)
-        if width > 1:
-            what = ", ".join(dict.fromkeys(nb.stem for nb, *_ in group))
-            print(f"[cmbfe reproduce] {len(group)} executions of {what}, {width} at a time, "
-                  f"{threads} thread(s) each", flush=True)
-        runs = [(str(nb), str(out_dir / f".{name}.running.ipynb"), params, threads) for nb, name, params, _ in group]
-        if width > 1:
-            with ProcessPoolExecutor(max_workers=width, mp_context=mp.get_context("spawn")) as pool:
-                results = list(pool.map(_execute, runs))
-        else:
-            results = []
-            for run in runs:
-                results.append(_execute(run))
-                if results[-1]["error"]:
-                    break
+    for group in stage_groups(_pending(cfg, nbs, out_dir, stamps, force)):
+        results = _run_group(group, max(1, int(cfg.study.jobs)), out_dir)
         failed = False
         for (nb, name, params, stamp), r in zip(group, results):
             tmp = out_dir / f".{name}.running.ipynb"
@@ -239,14 +268,7 @@ def reproduce(profile: str, *, only: list[str] | None = None, force: bool = Fals
         if failed:
             status = 1
             break
-    provenance = {
-        "profile": cfg.profile, "params_hash": cfg.hash(), "params_file": f"params/{cfg.profile}.yaml",
-        "overrides": list(overrides), "git_commit": git_commit(), "device": device_description(),
-        "packages": package_versions(), "data_source": f"synthetic (cmbfe synth, seed {cfg.synth.seed}, "
-        f"{cfg.synth.patients} patients, matrix {cfg.synth.matrix})", "started": started,
-        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "notebook_seconds": timings, "status": "ok" if status == 0 else "failed", "reduced": cfg.study.reduced,
-    }
+    provenance = _provenance(cfg, overrides, started, timings, status)
     atomic_write_json(cfg.results_path() / "provenance.json", provenance)
     return status
 

@@ -1,11 +1,12 @@
-"""The study layer the notebooks call: cached data, cached training runs, result and figure paths.
+"""The study's runs: cached data, cached training runs and predictions, a run evaluated on a split, result and
+figure paths (the notebook API, re-exported by :mod:`cmbfe.study`).
 
 Everything is keyed by configuration hashes, so a notebook re-executed with the same profile reuses
 the cohort, the preprocessed slices and the trained runs instead of recomputing them, and two
 notebooks that need the same run (05 and 04, say) share it.
 
 Where things go (the path methods of :class:`cmbfe.config.Config`, from the repository root):
-- data: ``cfg.raw_path()`` (DICOM cohort), ``cfg.pre_path()`` (slices + COCO);
+- data: ``cfg.raw_path()`` (DICOM cohort), ``cfg.pre_path()`` (slices + COCO, :class:`cmbfe.datadir.DataDir`);
 - runs: ``cfg.runs_path() / "<tag>-<confighash>"``;
 - tables: ``cfg.results_path()`` (``results/`` for the ``default`` profile, committed; ``results/<profile>/``
   otherwise);
@@ -25,11 +26,16 @@ from typing import Any
 
 import pandas as pd
 
+from cmbfe import evaluate as E
+from cmbfe import metrics as M
+from cmbfe import stats
 from cmbfe.config import REPO_ROOT, Config, load, with_overrides
-from cmbfe.predict import load_model, predict
+from cmbfe.datadir import DataDir
+from cmbfe.modelfolder import load_model
+from cmbfe.predict import predict
 from cmbfe.preprocess import preprocess_cohort
+from cmbfe.study.tables import write_table
 from cmbfe.synth import synthesize_cohort
-from cmbfe.tables import write_table
 from cmbfe.train import fit
 from cmbfe.utils import atomic_write_json
 from cmbfe.viz import save_figure as _save_figure
@@ -58,7 +64,7 @@ def ensure_data(cfg: Config, *, force: bool = False, progress: bool = True) -> P
     stamp = cfg.data_path() / "data_key.json"
     key = data_key(cfg)
     if not force and stamp.exists() and json.loads(stamp.read_text()).get("key") == key and \
-            (pre / "annotations" / "test.json").exists():
+            DataDir(pre).has_split("test"):
         return pre
     synthesize_cohort(raw, cfg.synth, progress=progress, overwrite=True)
     preprocess_cohort(raw, pre, cfg, overwrite=True)
@@ -68,10 +74,12 @@ def ensure_data(cfg: Config, *, force: bool = False, progress: bool = True) -> P
 
 # Keys added to a section after runs were cached under run_key: at these values they train exactly what the
 # code did before they existed, so they are left out of the key and a cached run keeps its folder.
-KEY_NEUTRAL: dict[str, dict[str, Any]] = {"train": {"schedule": "step", "warmup": 0, "grad_clip": 0.0, "ema": 0.0,
-                                                   "cosine_end": 1.0, "lr_min": 0.0},
-                                         "model": {"max_box_mm": 0.0}}
-_TRAIN_FREE = ("workers", "log_every", "checkpoint_every", "device", "tensorboard")  # never change the weights
+KEY_NEUTRAL: dict[str, dict[str, Any]] = {
+    "train": {"schedule": "step", "warmup": 0, "grad_clip": 0.0, "ema": 0.0, "cosine_end": 1.0,
+              "lr_min": 0.0},
+    "model": {"max_box_mm": 0.0}}
+# train keys that never change the weights
+_TRAIN_FREE = ("workers", "log_every", "checkpoint_every", "device", "tensorboard")
 
 
 def run_key(cfg: Config) -> str:
@@ -130,8 +138,8 @@ def ensure_run(cfg: Config, *, data: str | Path | None = None, progress: bool = 
 
 
 def ensure_predictions(run_dir: Path, pre: Path, split: str = "test") -> list[dict]:
-    """COCO-results detections of ``run_dir``'s model on ``PRE/annotations/<split>.json`` (cached in the run
-    folder as ``dets_<split>.json``; concurrent callers wait for one another)."""
+    """COCO-results detections of ``run_dir``'s model on the ``split`` of PRE folder ``pre`` (cached in the
+    run folder as ``dets_<split>.json``; concurrent callers wait for one another)."""
     path = Path(run_dir) / f"dets_{split}.json"
     if not path.exists():
         with _locked(Path(run_dir) / f".dets_{split}.lock"):
@@ -143,9 +151,39 @@ def ensure_predictions(run_dir: Path, pre: Path, split: str = "test") -> list[di
     return json.loads(path.read_text())
 
 
-def load_gt(pre: Path, split: str = "test") -> dict:
-    """The COCO ground truth of a split."""
-    return json.loads((Path(pre) / "annotations" / f"{split}.json").read_text())
+def gt_and_detections(run_dir: str | Path, pre: str | Path, split: str = "test") -> tuple[
+        dict[str, Any], M.GroundTruth, M.Detections]:
+    """The ``split`` of PRE folder ``pre`` with ``run_dir``'s detections on it (:func:`ensure_predictions`):
+    ``(coco, gt, dets)``, the COCO dict read by :meth:`cmbfe.datadir.DataDir.coco` and both checked by
+    :mod:`cmbfe.evaluate` (an error names the file)."""
+    d = DataDir(pre)
+    coco = d.coco(split)
+    gt = E.gt_from_coco(coco, str(d.split_path(split)))
+    raw = ensure_predictions(Path(run_dir), d.root, split)
+    dets = E.dets_from_coco(raw, gt, f"{run_dir}/dets_{split}.json")
+    return coco, gt, dets
+
+
+def evaluate_run(cfg: Config, run_dir: str | Path, pre: str | Path, *, split: str = "test",
+                 bootstrap: int | None = None) -> dict[str, Any]:
+    """Evaluate ``run_dir``'s model on the ``split`` of PRE folder ``pre`` under ``cfg.eval`` (matching rule,
+    IoU, radius; mimic attribution where ``slice_objects.csv`` exists; ``bootstrap`` patient resamples,
+    default ``eval.bootstrap``): the one evaluation of a run, used by the tables, the experiments and
+    shipping.
+
+    Returns the :func:`cmbfe.evaluate.evaluate` dict (``metrics`` with bootstrap CIs, ``curve``,
+    ``matching``) plus ``boot`` (:class:`cmbfe.stats.BootData`), ``gt``, ``dets``, ``coco`` (the split's
+    COCO dict) and ``run`` (the run folder).
+    """
+    d = DataDir(pre)
+    coco, gt, dets = gt_and_detections(run_dir, d.root, split)
+    objects = E.load_slice_objects(d.slice_objects, gt) if d.slice_objects.exists() else None
+    n_boot = cfg.eval.bootstrap if bootstrap is None else bootstrap
+    res = E.evaluate(gt, dets, match=cfg.eval.match, iou=cfg.eval.iou, radius_mm=cfg.eval.radius_mm,
+                     objects=objects, bootstrap=n_boot, seed=cfg.eval.seed, ci=cfg.eval.ci)
+    res["boot"] = stats.prepare(gt, dets, res["matching"])
+    res.update(gt=gt, dets=dets, coco=coco, run=Path(run_dir))
+    return res
 
 
 def save_figure(fig: Any, cfg: Config, name: str) -> list[Path]:
@@ -167,8 +205,8 @@ def main_grid(cfg: Config) -> list[dict[str, Any]]:
             for size in cfg.study.sizes for fe in (False, True) for seed in cfg.study.seeds]
 
 
-def grid_config(cfg: Config, *, size: int | None = None, fe: bool | None = None, seed: int | None = None,
-                overrides: Mapping[str, Any] | None = None) -> Config:
+def grid_config(cfg: Config, *, size: int | None = None, fe: bool | None = None,
+                seed: int | None = None, overrides: Mapping[str, Any] | None = None) -> Config:
     """``cfg`` with the 03_train parameters and ``overrides`` (``{"section.key": value}``) applied (None
     keeps the profile's value)."""
     over: dict[str, Any] = dict(overrides or {})

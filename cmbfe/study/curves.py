@@ -51,7 +51,8 @@ def plateau(curve: pd.DataFrame, window: float = PLATEAU_WINDOW, tol: float = PL
                 "checks": 0, "at_plateau": False}
     ap = tail["ap_voc"].astype(float)
     rng = float(ap.max() - ap.min()) if len(ap) else None
-    return {"final_ap": float(curve["ap_voc"].iloc[-1]), "window_start_ap": float(ap.iloc[0]) if len(ap) else None,
+    return {"final_ap": float(curve["ap_voc"].iloc[-1]),
+            "window_start_ap": float(ap.iloc[0]) if len(ap) else None,
             "window_range": rng, "change": float(ap.iloc[-1] - ap.iloc[0]) if len(ap) else None,
             "checks": len(ap), "at_plateau": bool(len(ap) >= 2 and rng is not None and rng < tol)}
 
@@ -77,7 +78,8 @@ def plot_learning_curves(runs: Mapping[str, Path | str], ax: Any = None, title: 
         c = val_curve(run)
         if len(c):
             ax.plot(c["fraction"], c["ap_voc"], marker="o", ms=3, label=label)
-    ax.axvspan(1 - PLATEAU_WINDOW, 1.0, color="0.9", zorder=0, label=f"plateau window (last {PLATEAU_WINDOW:.0%})")
+    ax.axvspan(1 - PLATEAU_WINDOW, 1.0, color="0.9", zorder=0,
+               label=f"plateau window (last {PLATEAU_WINDOW:.0%})")
     ax.set_xlabel("fraction of training")
     ax.set_ylabel("val AP (IoU 0.5, all-point)")
     ax.set_xlim(0, 1.02)

@@ -10,7 +10,7 @@ Three diagnostics (issue #10), for runs trained with ``fe.enabled``:
   and outside. R1/R3 are cancelled by the L2Norm (ratio 1, cosine 1); R2 scales the head input inside the
   boxes by (1 + alpha M); R4/AE turn its direction.
 - **box side at test**: the predicted / GT side ratio where the centre rule finds the CMB
-  (:func:`cmbfe.report.box_scale_table`): heads calibrated to an enhanced input shrink their boxes.
+  (:func:`cmbfe.study.report.box_scale_table`): heads calibrated to an enhanced input shrink their boxes.
 """
 
 from __future__ import annotations
@@ -23,21 +23,15 @@ import pandas as pd
 import torch
 
 from cmbfe.config import Config, load
-from cmbfe.data import SliceDataset
-from cmbfe.predict import load_model
-from cmbfe.train import FE_GAP_BATCH, fe_gap, fe_gap_batch, window_px
+from cmbfe.data import training_dataset
+from cmbfe.fe_gap import FE_GAP_BATCH, fe_gap, fe_gap_batch
+from cmbfe.modelfolder import load_model
 
 
 def fixed_batch(cfg: Config, pre: Path, n: int = FE_GAP_BATCH) -> list[tuple[torch.Tensor, dict]]:
-    """The fixed training batch :mod:`cmbfe.train` logs ``fe_gap.csv`` on (:func:`cmbfe.train.fe_gap_batch`),
-    rebuilt from a run's configuration."""
-    from cmbfe.augment import build_augment
-
-    aug = build_augment(cfg.augment) if cfg.augment.enabled else None
-    ds = SliceDataset(pre, "train", augment=aug, negatives_ratio=cfg.train.negatives_ratio, seed=cfg.train.seed,
-                      input=cfg.model.input)
-    ds.window = window_px(cfg.model, ds)
-    return fe_gap_batch(ds, n)
+    """The fixed batch :mod:`cmbfe.train` logs ``fe_gap.csv`` on (:func:`cmbfe.fe_gap.fe_gap_batch`),
+    rebuilt from a run's configuration (:func:`cmbfe.data.training_dataset`, as training builds it)."""
+    return fe_gap_batch(training_dataset(cfg, pre), n)
 
 
 @torch.no_grad()
@@ -71,10 +65,10 @@ def mechanism_table(cfg: Config, runs: dict[str, Path], pre: Path) -> pd.DataFra
             continue
         model = load_model(run)
         its = rc.train.iterations
-        model.set_progress((its - 1) / its)
+        model.fe.set_progress((its - 1) / its)
         batch = fixed_batch(rc, pre)
         row: dict[str, Any] = {"run": label, "reading": f"{rc.fe.variant}/{rc.fe.placement}/{rc.fe.schedule}",
-                               "alpha at the end": float(model.alpha)}
+                               "alpha at the end": float(model.fe.strength)}
         row |= head_input_norms(model, batch)
         gap = fe_gap(model, batch, torch.device("cpu"))
         row |= {"loss FE on (end)": gap["loss_fe_on"], "loss FE off (end)": gap["loss_fe_off"]}

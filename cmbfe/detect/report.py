@@ -13,14 +13,14 @@ import html
 import io
 import textwrap
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 from matplotlib.collections import LineCollection
 from matplotlib.figure import Figure
 
-if TYPE_CHECKING:
-    from cmbfe.detect import Detector, ScanResult
+from cmbfe.detect.detector import Detector
+from cmbfe.detect.pipeline import ScanResult
 
 RESEARCH_ONLY = "Research use only: trained on synthetic data, not validated on real patients."
 A4 = (8.27, 11.69)
@@ -38,10 +38,11 @@ def _lines(res: ScanResult, det: Detector, summary: dict[str, Any]) -> list[str]
     src = {"model": "stored with the model", "--threshold": "set with --threshold",
            "fallback": "fallback: the model stores none"}[det.threshold_source]
     rule = det.meta.get("threshold_rule") or {}
-    out = [f"Scan: {res.scan.name} ({res.scan.kind}, {nx} x {ny} x {nz} voxels, {dx:.3g} x {dy:.3g} x {dz:.3g} mm)",
-           (f"CMBs detected: {c['cmbs']} (on {c['slices_with_cmb']} slices; {c['slice_detections_kept']} slice "
-           f"detections kept of {c['slice_detections_all']}; {c['slices_inferred']} of {c['slices_total']} "
-           "slices inside the head searched)"),
+    out = [(f"Scan: {res.scan.name} ({res.scan.kind}, {nx} x {ny} x {nz} voxels, "
+            f"{dx:.3g} x {dy:.3g} x {dz:.3g} mm)"),
+           (f"CMBs detected: {c['cmbs']} (on {c['slices_with_cmb']} slices; {c['slice_detections_kept']} "
+            f"slice detections kept of {c['slice_detections_all']}; {c['slices_inferred']} of "
+            f"{c['slices_total']} slices inside the head searched)"),
            f"Threshold: {res.threshold:.4g} ({src})"]
     if rule.get("text"):
         out.append(f"  {rule['text']}")
@@ -92,7 +93,8 @@ def summary_page(res: ScanResult, det: Detector, summary: dict[str, Any]) -> Fig
     for line in _lines(res, det, summary):
         indent = line.startswith("  ")
         for part in textwrap.wrap(line, 118 if indent else 130, subsequent_indent="    " if indent else "  "):
-            fig.text(0.05, y, part, fontsize=7.5 if not indent else 6.8, family="monospace" if indent else None)
+            fig.text(0.05, y, part, fontsize=7.5 if not indent else 6.8,
+                     family="monospace" if indent else None)
             y -= 0.0155
     top = min(y - 0.01, 0.80)
     _projection_axes(fig, (0.05, top - 0.36, 0.9, 0.36), res)
@@ -112,8 +114,10 @@ def summary_page(res: ScanResult, det: Detector, summary: dict[str, Any]) -> Fig
     return fig
 
 
-def _crop(boxes: np.ndarray, shape: tuple[int, int], min_side: int = CROP_PX, pad: int = 16) -> tuple[int, ...]:
-    """Integer xyxy crop (square, >= ``min_side`` px, within ``shape`` (rows, cols)) around ``boxes``' union."""
+def _crop(boxes: np.ndarray, shape: tuple[int, int], min_side: int = CROP_PX,
+          pad: int = 16) -> tuple[int, ...]:
+    """Integer xyxy crop (square, >= ``min_side`` px, within ``shape`` (rows, cols)) around ``boxes``'
+    union."""
     ny, nx = shape
     u0, v0 = boxes[:, :2].min(axis=0)
     u1, v1 = boxes[:, 2:].max(axis=0)
@@ -148,8 +152,8 @@ def tile_pages(res: ScanResult) -> list[Figure]:
             ax.add_collection(LineCollection(segs, colors=BOX, linewidths=0.8))
             for d in sel[:LABELS]:
                 _, by0, bx1, _ = res.boxes[d]
-                ax.text(bx1 + 0.5, by0 - 0.5, f"#{res.lesion_of[d]} {res.scores[d]:.2f}", color=BOX, fontsize=5.5,
-                        clip_on=True)
+                ax.text(bx1 + 0.5, by0 - 0.5, f"#{res.lesion_of[d]} {res.scores[d]:.2f}", color=BOX,
+                        fontsize=5.5, clip_on=True)
             if len(sel) > LABELS:
                 ax.text(x0 + 1, y1 - 3, f"{len(sel)} boxes; {LABELS} highest labelled", color=BOX, fontsize=5)
             ax.set_title(f"slice {k}: cols {x0}-{x1 - 1}, rows {y0}-{y1 - 1}", fontsize=6, pad=2)
@@ -167,8 +171,10 @@ def _png(fig: Figure) -> str:
 def _html(res: ScanResult, det: Detector, summary: dict[str, Any], pngs: list[str]) -> str:
     e = html.escape
     lines = "".join(f"<li>{e(s.strip())}</li>" for s in _lines(res, det, summary))
-    table = res.table.to_html(index=False, border=0, classes="cmbs") if len(res.table) else "<p>No CMB detected.</p>"
-    imgs = "".join(f'<img alt="report page {n + 1}" src="data:image/png;base64,{p}">' for n, p in enumerate(pngs))
+    table = (res.table.to_html(index=False, border=0, classes="cmbs") if len(res.table)
+             else "<p>No CMB detected.</p>")
+    imgs = "".join(f'<img alt="report page {n + 1}" src="data:image/png;base64,{p}">'
+                   for n, p in enumerate(pngs))
     card = f"<details><summary>Model card</summary><pre>{e(det.card)}</pre></details>" if det.card else ""
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>cmbfe detect: {e(res.scan.name)}</title>
