@@ -61,7 +61,7 @@ from bench_fe_overhead import synthetic_batch  # this folder
 from cmbfe import config as C
 from cmbfe.models import build_model
 from cmbfe.study import paper
-from cmbfe.train import _train_step, build_optimizer, step_time
+from cmbfe.train import train_step, build_optimizer, step_time
 from cmbfe.utils import atomic_write_text
 
 REPO = Path(__file__).resolve().parent.parent
@@ -286,7 +286,7 @@ def _timed_step(model, images, targets, optimizer, scaler, amp: bool, device: to
     """Seconds of one ``cmbfe.train`` training step (synchronised on CUDA)."""
     _sync(device)
     t0 = time.perf_counter()
-    _train_step(model, images, targets, optimizer, scaler, amp, device)
+    train_step(model, images, targets, optimizer, scaler, amp, device)
     _sync(device)
     return time.perf_counter() - t0
 
@@ -567,7 +567,7 @@ def ddp_probe(ctx: dict[str, Any]) -> dict[str, Any]:
         for _ in range(s["probe_steps"]):
             _sync(device)
             ts = time.perf_counter()
-            total, _, _ = _train_step(model, images, targets, opt, scaler, cuda, device, getattr(pc.train, "grad_clip", 0.0))
+            total, _, _ = train_step(model, images, targets, opt, scaler, cuda, device, getattr(pc.train, "grad_clip", 0.0))
             _sync(device)
             times.append(time.perf_counter() - ts)
             losses.append(float(total))

@@ -26,8 +26,11 @@ from torch.optim.swa_utils import AveragedModel
 from cmbfe import config as C
 from cmbfe.utils import atomic_write_bytes
 
-# train.* keys that may differ between a run and its --resume (they do not change the result)
+# train.* keys that may differ between a run and its --resume (they do not change the result). Not
+# train.val_subset: the weights do not depend on it, but val.csv would switch mid-run from one slice set to
+# another, and the convergence rule compares its values over the last 20 % of training
 RESUME_FREE = {"workers", "device", "tensorboard", "log_every", "checkpoint_every", "val_every", "cache"}
+_RESUME_FREE_SECTIONS = {"notebooks", "study", "profile", "holdout"}  # they do not change training
 
 
 def rng_state() -> dict[str, Any]:
@@ -65,18 +68,21 @@ def save_torch(obj: Any, path: Path) -> None:
 
 def resume_check(saved: dict[str, Any], cfg: C.Config, path: Path) -> None:
     """``ConfigError`` naming every key where the checkpoint's config ``saved`` and ``cfg`` differ (except
-    :data:`RESUME_FREE` and the sections that do not change training: notebooks, study, profile)."""
-    now = cfg.to_dict()
+    :data:`RESUME_FREE` and the sections that do not change training: notebooks, study, profile, holdout).
+    A key or section the checkpoint lacks (written before it existed) counts as its default value: a new key's
+    default is what the code did before it."""
+    now, defaults = cfg.to_dict(), C.Config().to_dict()
     diff = []
-    for sec in sorted(set(saved) | set(now)):
-        a, b = saved.get(sec), now.get(sec)
+    for sec in sorted((set(saved) | set(now)) - _RESUME_FREE_SECTIONS):
+        a, b = saved.get(sec, defaults.get(sec)), now.get(sec)
         if isinstance(a, dict) and isinstance(b, dict):
+            a = {**defaults[sec], **a} if isinstance(defaults.get(sec), dict) else a
             diff += [
                 f"{sec}.{k}"
                 for k in sorted(set(a) | set(b))
                 if a.get(k) != b.get(k) and not (sec == "train" and k in RESUME_FREE)
             ]
-        elif a != b and sec not in ("notebooks", "study", "profile"):
+        elif a != b:
             diff.append(sec)
     if diff:
         raise C.ConfigError(f"{path}: cannot resume, configuration differs in {', '.join(diff)}")

@@ -4,7 +4,8 @@
 error naming it) and every value against the field's annotation (:func:`coerce`: bool, int, float, str,
 ``Literal`` choices, tuples, dicts, unions, nested dataclasses; an int is accepted for a float). Errors are
 one :class:`~cmbfe.errors.ConfigError` line naming the dotted key (``train.iterations``).
-:func:`set_dotted` sets a dotted key in a nested mapping (the ``--set`` syntax).
+:func:`set_dotted` sets a dotted key in a nested mapping, :func:`set_override` a ``key=value`` string (the
+``--set`` syntax; values parsed as YAML scalars).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import dataclasses
 import types
 import typing
 from typing import Any, Literal
+
+import yaml
 
 from cmbfe.errors import ConfigError
 
@@ -95,3 +98,20 @@ def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
         if not isinstance(node, dict):
             raise ConfigError(f"{key}: '{p}' is not a section")
     node[parts[-1]] = value
+
+
+def set_override(data: dict[str, Any], assignment: str) -> None:
+    """Apply ``a.b.c=value`` (value parsed with yaml.safe_load) to nested dict ``data`` in place."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set {assignment!r}: expected key=value")
+    key, raw = assignment.split("=", 1)
+    value = yaml.safe_load(raw)
+    if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string; accept it as a number
+        try:
+            value = float(value) if any(c in value.lower() for c in ".e") else int(value)
+        except ValueError:
+            pass
+    try:
+        set_dotted(data, key, value)
+    except ConfigError as e:
+        raise ConfigError(f"--set {assignment!r}: {e}") from None

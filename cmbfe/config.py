@@ -25,13 +25,13 @@ from typing import Any, Literal
 
 import yaml
 
-from cmbfe.coerce import build, set_dotted
+from cmbfe.coerce import build, set_dotted, set_override
 from cmbfe.errors import ConfigError
 from cmbfe.utils import atomic_write_text
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PARAMS_DIR = REPO_ROOT / "params"
-PROFILES = ("smoke", "default", "extended", "paper")
+PROFILES = ("smoke", "default", "extended", "paper", "fe-readings")
 COMMITTED_PROFILE = "default"  # its tables and figures are committed: results/ and figures/ themselves
 
 # The allowed values of every choice, in one place (``typing.get_args(Backbone)`` lists them).
@@ -46,7 +46,8 @@ FEVariant = Literal["fe", "ae", "l2n", "mean"]
 LRSchedule = Literal["step", "cosine"]
 Device = Literal["auto", "cpu", "cuda"]
 MatchRule = Literal["iou", "centre"]
-FEArm = Literal["no FE", "R1", "R2 constant", "R2 cosine", "R3", "R4 cosine", "AE cosine"]
+FEArm = Literal["no FE", "R1", "R2 constant", "R2 cosine", "R3", "R4 cosine", "AE cosine", "R1 sham",
+                "mask loss"]
 Ablation = Literal["placement", "schedule", "variant", "priors", "input"]
 
 
@@ -148,6 +149,8 @@ class FEConfig:
     # fe: X + a*M*X (paper) | l2n: X + a*M*L2Norm_c(X) (R3, the intro's sentence) | mean: X + a*M*mean_c(X)
     # (R4, graded mask) | ae: X + a*[M>0]*mean_c(X) (Assisted Excitation; as published with schedule: cosine)
     variant: FEVariant = "fe"
+    sham: bool = False  # the sham arm: each box's mask moved off every GT box (cmbfe.fe.sham_shifts)
+    mask_loss_weight: float = 0.0  # > 0: the mask arm's BCE head on the first source (cmbfe.fe); 0: none
 
 
 @dataclass
@@ -193,6 +196,9 @@ class TrainConfig:
     cache: int = -1  # decoded PNG slices kept in RAM per loader process (-1: all, 0: none)
     amp: bool = True  # CUDA only
     channels_last: bool = True  # CUDA only
+    # CPU training in channels_last memory format (1.06-1.11x faster on the project's 2-core CPU,
+    # ../shared/cpu-training-notes.md); float results differ from the default contiguous format
+    channels_last_cpu: bool = False
     checkpoint_every: int = 1000
     log_every: int = 50
     val_every: int = 0  # 0: only at the end; -1: never
@@ -234,6 +240,7 @@ class StudyConfig:
     # FE readings compared with SSD (issue #10; experiments.FE_ARMS), each trained with every seed of
     # ``seeds`` on the main recipe; () runs none (the default profile: profile `extended` runs them)
     fe_arms: tuple[FEArm, ...] = ()
+    fe_arm_seeds: dict[str, int] = field(default_factory=dict)  # arm -> first n of seeds (default: all)
     reduced: str = ""  # what this profile reduces relative to the paper (printed in captions)
     # overrides (``section.key: value``) for the cross-validation, Table 3 and ablation runs, e.g. a cheaper
     # resolution on CPU; listed in ``reduced``
@@ -342,6 +349,9 @@ def _model_rules(m: ModelConfig, fe: FEConfig, au: AugmentConfig) -> list[Rule]:
         (m.heads == 0 or m.heads >= 3, "model.heads", "0 (all maps) or >= 3 (priors need 3)", m.heads),
         (fe.alpha >= 0, "fe.alpha", ">= 0", fe.alpha),
         (fe.beta > 0, "fe.beta", "> 0", fe.beta),
+        (fe.mask_loss_weight >= 0 and math.isfinite(fe.mask_loss_weight), "fe.mask_loss_weight",
+         ">= 0 (0: no mask head)", fe.mask_loss_weight),
+        (not fe.sham or fe.enabled, "fe.sham", "false unless fe.enabled=true", fe.sham),
         (all(0 <= p <= 1 for p in (au.hflip, au.vflip, au.p_intensity, au.p_blur, au.p_affine)),
          "augment.hflip/vflip/p_*", "probabilities in [0, 1]", (au.hflip, au.vflip, au.p_intensity, au.p_blur,
                                                                au.p_affine)),
@@ -389,6 +399,10 @@ def _study_rules(st: StudyConfig, notebooks: dict[str, Any]) -> list[Rule]:
         (st.folds == 0 or st.folds >= 2, "study.folds", "0 (none) or >= 2", st.folds),
         (st.jobs >= 1, "study.jobs", ">= 1", st.jobs),
         (st.ablation_seeds >= 1, "study.ablation_seeds", ">= 1", st.ablation_seeds),
+        (all(a in typing.get_args(FEArm) and isinstance(n, int) and 1 <= n <= len(st.seeds)
+             for a, n in st.fe_arm_seeds.items()), "study.fe_arm_seeds",
+         f"arm: n with arms of {', '.join(typing.get_args(FEArm))} and 1 <= n <= len(study.seeds)",
+         st.fe_arm_seeds),
         (min(st.timing_batch, st.timing_repeats) >= 1, "study.timing_batch/timing_repeats", ">= 1",
          (st.timing_batch, st.timing_repeats)),
         (min(st.cv_iterations, st.timing_iterations, st.ablation_iterations) >= 0, "study.*_iterations",
@@ -445,23 +459,6 @@ def from_dict(data: dict[str, Any], source: str = "<dict>") -> Config:
         return validate(build(Config, data, ""))
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
-
-
-def set_override(data: dict[str, Any], assignment: str) -> None:
-    """Apply ``a.b.c=value`` (value parsed with yaml.safe_load) to nested dict ``data`` in place."""
-    if "=" not in assignment:
-        raise ConfigError(f"--set {assignment!r}: expected key=value")
-    key, raw = assignment.split("=", 1)
-    value = yaml.safe_load(raw)
-    if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string; accept it as a number
-        try:
-            value = float(value) if any(c in value.lower() for c in ".e") else int(value)
-        except ValueError:
-            pass
-    try:
-        set_dotted(data, key, value)
-    except ConfigError as e:
-        raise ConfigError(f"--set {assignment!r}: {e}") from None
 
 
 def with_overrides(cfg: Config, overrides: Mapping[str, Any]) -> Config:

@@ -11,6 +11,9 @@ Training pool: every slice with a CMB plus ``negatives_ratio`` x (number of CMB 
 without replacement by a ``numpy`` generator seeded with ``seed`` (all CMB-free slices when
 ``negatives_ratio`` is None, which is what val/test use).
 
+In-loop validation may use :func:`val_subset`: a fixed subset of the val slices, stratified by patient and by
+CMB / CMB-free slice (``train.val_subset``).
+
 Iteration-based training draws from :class:`InfiniteSampler`, which yields ``(index, draw_seed)`` pairs;
 the dataset seeds the augmentation of that draw with ``draw_seed`` (see :mod:`cmbfe.augment`), so the stream
 of augmented batches depends only on ``(seed, position)`` - not on DataLoader workers - and a resumed run
@@ -19,6 +22,7 @@ sees exactly the batches an uninterrupted one would.
 
 from __future__ import annotations
 
+import copy
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -238,6 +242,53 @@ def training_dataset(cfg: Config, pre_dir: Path | str, *, augment: bool = True,
                       negatives_ratio=tc.negatives_ratio if negatives else 0, seed=tc.seed, cache=tc.cache)
     ds.window = window_px(cfg.model, ds)
     return ds
+
+
+VAL_SUBSET_SEED = 0  # one fixed subset for every run (seed, arm) validated on the same PRE folder
+
+
+def _largest_remainder(n: int, sizes: list[int]) -> list[int]:
+    """``n`` split over strata of ``sizes`` in proportion (largest remainder, ties by order), each <= size."""
+    total = sum(sizes)
+    quota = [n * k / total for k in sizes]
+    out = [int(q) for q in quota]
+    order = sorted(range(len(sizes)), key=lambda i: (-(quota[i] - out[i]), i))
+    for i in order[: n - sum(out)]:
+        out[i] += 1
+    return out
+
+
+def val_subset(ds: SliceDataset, n: int, seed: int = VAL_SUBSET_SEED) -> SliceDataset:
+    """A fixed subset of ``n`` slices of ``ds`` for in-loop validation (``ds`` itself when ``n`` <= 0 or
+    ``n`` >= ``len(ds)``).
+
+    Stratified slices, not whole patients: the strata are (patient, CMB slice / CMB-free slice), ``n`` is
+    apportioned to them in proportion to their sizes (largest remainder) and each stratum's slices are drawn
+    without replacement by a ``numpy`` generator seeded with ``seed``. Every patient and the split's CMB to
+    CMB-free ratio stay represented: CMB counts per patient are very skewed (negative binomial), so a subset
+    of whole patients would hold a lesion mix, and an AP, that may differ much from the whole split's, while a
+    stratified subset's AP estimates the whole split's. The copy shares ``ds``'s image cache; its ``coco``
+    holds only the chosen images and their annotations. Deterministic in ``(ds, n, seed)``.
+    """
+    if n <= 0 or n >= len(ds):
+        return ds
+    strata: dict[tuple[str, bool], list[int]] = {}
+    for i, im in enumerate(ds.images):
+        strata.setdefault((str(im.get("patient_id", "")), ds.has_cmb(im)), []).append(i)
+    keys = sorted(strata)
+    rng = np.random.default_rng(seed)
+    chosen: list[int] = []
+    for key, k in zip(keys, _largest_remainder(n, [len(strata[key]) for key in keys])):
+        members = strata[key]
+        chosen += [members[j] for j in rng.choice(len(members), size=k, replace=False).tolist()]
+    sub = copy.copy(ds)
+    sub.images = [ds.images[i] for i in sorted(chosen)]
+    ids = {int(im["id"]) for im in sub.images}
+    sub.coco = {**ds.coco, "images": list(sub.images),
+                "annotations": [a for a in ds.coco["annotations"] if int(a["image_id"]) in ids]}
+    sub.n_positive = sum(ds.has_cmb(im) for im in sub.images)
+    sub.n_negative = len(sub.images) - sub.n_positive
+    return sub
 
 
 def draw_seed(seed: int, position: int) -> int:

@@ -12,7 +12,8 @@ through :class:`DataDir`::
     PRE/preprocess.json                       config, summary, versions
 
 :meth:`DataDir.write_split` writes a split file, :meth:`DataDir.coco` reads one (the only reader: an error
-names the file). Geometry (:class:`Geometry`) is in mm and px: ``pixel_spacing_mm`` is ``(dy, dx)``.
+names the file). :meth:`DataDir.true_cmbs` sets the true 3D CMBs of ``lesions.csv`` beside a split's boxes.
+Geometry (:class:`Geometry`) is in mm and px: ``pixel_spacing_mm`` is ``(dy, dx)``.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import pandas as pd
 
 from cmbfe.errors import InputError
 from cmbfe.utils import atomic_write_json
@@ -81,6 +84,11 @@ class DataDir:
         return self.root / "splits.csv"
 
     @property
+    def lesions_csv(self) -> Path:
+        """``PRE/lesions.csv``: every true 3D CMB (labelled input only)."""
+        return self.root / "lesions.csv"
+
+    @property
     def manifest(self) -> Path:
         """``PRE/preprocess.json``."""
         return self.root / "preprocess.json"
@@ -117,6 +125,24 @@ class DataDir:
         path = self.split_path(split, geometric=geometric)
         atomic_write_json(path, coco, indent=None)
         return path
+
+    def true_cmbs(self, split: str) -> pd.DataFrame:
+        """Every true 3D CMB of the split's patients (``lesions.csv`` rows of the patients ``splits.csv``
+        puts in ``split``), boxed or not, with a column ``boxed``: whether the label model gave it a box on a
+        slice of the split file (a CMB too faint or small for the annotator label model has none).
+        :class:`InputError` naming the file when ``splits.csv`` or ``lesions.csv`` is missing."""
+        for path in (self.splits_csv, self.lesions_csv):
+            if not path.is_file():
+                raise InputError(f"{path}: not found (unlabelled data or not a preprocessed folder)")
+        patients = set(pd.read_csv(self.splits_csv, dtype={"patient_id": str}).query("split == @split")
+                       ["patient_id"])
+        les = pd.read_csv(self.lesions_csv, dtype={"patient_id": str})
+        les = les[les["patient_id"].isin(patients)].reset_index(drop=True)
+        coco = self.coco(split)
+        pid = {im["id"]: str(im["patient_id"]) for im in coco["images"]}
+        boxed = {(pid[a["image_id"]], int(a["lesion_id"])) for a in coco["annotations"] if "lesion_id" in a}
+        les["boxed"] = [(p, int(i)) in boxed for p, i in zip(les["patient_id"], les["lesion_id"])]
+        return les
 
     def training_geometry(self, split: str = "train") -> Geometry:
         """:class:`Geometry` of the split's first image; :class:`InputError` naming the file when the split

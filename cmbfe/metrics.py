@@ -342,6 +342,22 @@ def lesion_metrics(gt: GroundTruth, dets: Detections, m: Matching, threshold: fl
     }
 
 
+def lesion_sensitivity_all(gt: GroundTruth, dets: Detections, m: Matching, threshold: float | None,
+                           n_true: int) -> dict:
+    """Lesion (3D) sensitivity against every true CMB: the CMBs :func:`lesion_metrics` finds (a slice box
+    matched by a detection with score >= ``threshold``) over ``n_true``, all true CMBs of the patients
+    (``len(DataDir(pre).true_cmbs(split))``), boxed by the label model or not. A CMB the label model left
+    without a box has nothing a detection can match, so it counts as missed: a lower bound of the detector's
+    sensitivity to every CMB. Returns ``lesion_sensitivity_all``, ``lesion_tp``, ``n_true_cmbs`` and
+    ``n_unboxed`` (``n_true`` minus the boxed lesions of ``gt``); ``ValueError`` when ``n_true`` is below
+    those."""
+    if n_true < gt.n_lesions:
+        raise ValueError(f"n_true={n_true} true CMBs: fewer than the split's {gt.n_lesions} boxed lesions")
+    tp = lesion_metrics(gt, dets, m, threshold)["lesion_tp"]
+    return {"lesion_sensitivity_all": tp / n_true if n_true else float("nan"), "lesion_tp": tp,
+            "n_true_cmbs": int(n_true), "n_unboxed": int(n_true - gt.n_lesions)}
+
+
 @dataclass(frozen=True)
 class SliceObjects:
     """Objects on the GT images (``PRE/slice_objects.csv``): image row, kind, xyxy box."""

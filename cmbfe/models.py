@@ -37,15 +37,17 @@ from torchvision.models.detection.ssd import SSD, SSDHead
 from torchvision.models.detection.ssdlite import SSDLiteHead
 from torchvision.models.detection.transform import resize_boxes
 
-from cmbfe.backbones import BACKBONES, MobileNetV3Backbone, SSDBackbone, meta_out
+from cmbfe.backbones import BACKBONES, MapsError, MobileNetV3Backbone, SSDBackbone, meta_out
 from cmbfe.config import FEConfig, ModelConfig, check
-from cmbfe.fe import FeatureEnhancement, enhancement_mask
+from cmbfe.errors import ConfigError
+from cmbfe.fe import MASK_HEAD, FeatureEnhancement, enhancement_mask
 from cmbfe.priors import FOV_MM, PixelBoxGenerator, prior_spec
 
 NUM_CLASSES = 2  # background, cmb
 _IMAGENET = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
 _VGG_CAFFE = ([0.48235, 0.45882, 0.40784], [1.0 / 255.0] * 3)  # torchvision ssd300_vgg16 (amdegroot weights)
 _MRI = ([0.5] * 3, [0.25] * 3)  # [0, 1] MRI slices -> about [-2, 2]
+MASK_HEAD_KEYS = f"backbone.fe.{MASK_HEAD}."  # the mask arm's training-only weights in a state dict
 
 
 def split_losses(losses: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
@@ -146,15 +148,35 @@ class CMBDetector(SSD):
         return self.transform.image_mean[1], self.transform.image_std[1]
 
     def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None) -> Any:
-        """SSD forward; FE on the first source iff training, ``fe.enabled`` and targets are given."""
-        if not (self.training and self.fe.enabled and targets is not None):
+        """SSD forward; FE on the first source iff training, ``fe.active`` (FE on or the mask arm's head) and
+        targets are given. The mask arm adds ``mask_bce`` (BCE x ``fe.mask_loss_weight``) to the losses; in
+        eval neither FE nor the mask head runs and the targets are never read for the detections."""
+        if not (self.training and self.fe.active and targets is not None):
             return super().forward(images, targets)
-        with self.fe.bound(self._fe_boxes(images, targets), *self._centre_norm()):
-            return super().forward(images, targets)
+        with self.fe.bound(self._fe_boxes(images, targets), *self._centre_norm()) as ctx:
+            losses = super().forward(images, targets)
+        if ctx.aux_loss is not None:
+            losses = {**losses, "mask_bce": self.fe.mask_loss_weight * ctx.aux_loss}
+        return losses
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True,
+                        assign: bool = False) -> Any:
+        """``nn.Module.load_state_dict``; a detector without the mask arm's head drops its weights
+        (``backbone.fe.mask_head.*``, training-only), so a mask-arm state dict loads for inference into the
+        plain detector of the same ``model`` section."""
+        if self.fe.mask_head is None:
+            state_dict = {k: v for k, v in state_dict.items() if not k.startswith(MASK_HEAD_KEYS)}
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     @torch.no_grad()
-    def fe_maps(self, images: list[Tensor], targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+    def fe_maps(self, images: list[Tensor], targets: list[dict[str, Tensor]], *, windows: bool = False
+                ) -> dict[str, Tensor]:
         """What FE does to a batch (eval-mode weights, no grad), for figures.
+
+        ``windows``: the images are training windows (``model.train_crop`` > 0), resized to ``train_crop``
+        as training resizes them; else whole slices, resized to ``size``. Both keep the training pixel scale
+        (``size / W`` network px per slice px); a window resized to ``size`` would be magnified
+        ``size / train_crop`` times more than in training.
 
         Returns ``image`` (P, ``[B,1,S,S]`` resized centre channel in [0, 1]), ``mask_full`` (FE mask at
         S x S), ``mask`` (area-averaged to the first source), ``before`` / ``after`` (first head input
@@ -162,13 +184,21 @@ class CMBDetector(SSD):
         """
         was_training = self.training
         self.eval()
+        if windows and self.train_crop:
+            tf = self.transform
+            side = self.train_crop
+            tf.min_size, tf.max_size, tf.fixed_size = (side,), side, (side, side)
         try:
             batch, resized = self.transform(images, [dict(t) for t in targets])
             mean, std = self._centre_norm()
             boxes = self._fe_boxes(images, targets)
             before = self.backbone(batch.tensors)["0"]
-            with self.fe.bound(boxes, mean, std) as ctx:
-                after = self.backbone(batch.tensors)["0"]
+            enabled, self.fe.enabled = self.fe.enabled, True  # the maps of the reading, whatever the switch
+            try:
+                with self.fe.bound(boxes, mean, std) as ctx:
+                    after = self.backbone(batch.tensors)["0"]
+            finally:
+                self.fe.enabled = enabled
         finally:
             self.train(was_training)
         p = (batch.tensors[:, 1:2] * std + mean).clamp(min=0)
@@ -194,7 +224,8 @@ class CMBDetector(SSD):
             "backbone": spec.get("backbone", type(self.backbone).name), "batch_norm": spec.get("batch_norm"),
             "size": self.size, "train_crop": self.train_crop, "width": spec.get("width"),
             "pretrained": spec.get("pretrained"), "input": spec.get("input"), "priors": spec.get("priors"),
-            "mm_per_px": mm_px, "fov_mm": FOV_MM, "scales": [round(s, 5) for s in gen.scales],
+            "heads": spec.get("heads", 0), "mm_per_px": mm_px, "fov_mm": FOV_MM,
+            "scales": [round(s, 5) for s in gen.scales],
             "feature_maps": maps,
             "num_anchors": sum(n * h * w for (_, h, w), n in zip(self.feature_shapes, per_loc)),
             "first_source": type(self.backbone).first_source,
@@ -204,8 +235,8 @@ class CMBDetector(SSD):
 
 
 def build_model(model_cfg: ModelConfig, fe_cfg: FEConfig) -> CMBDetector:
-    """Build the detector for ``model_cfg`` (backbone, size >= 128 px, priors, width) with FE per ``fe_cfg``:
-    the one place where configuration becomes parts and keywords.
+    """Build the detector for ``model_cfg`` (backbone, size >= 128 px, priors, width, ``heads``: the number of
+    source maps, 0 all) with FE per ``fe_cfg``: the one place where configuration becomes parts and keywords.
 
     Both sections are validated as :func:`cmbfe.config.load` validates a file (a ``ConfigError`` naming the
     key). ``pretrained=True`` loads ImageNet weights from the torch hub cache (``pretrained_path``) and
@@ -215,9 +246,14 @@ def build_model(model_cfg: ModelConfig, fe_cfg: FEConfig) -> CMBDetector:
     check(fe_cfg, "fe")
     mc, size = model_cfg, model_cfg.size
     fe = FeatureEnhancement(enabled=fe_cfg.enabled, placement=fe_cfg.placement, variant=fe_cfg.variant,
-                            alpha=fe_cfg.alpha, schedule=fe_cfg.schedule, beta=fe_cfg.beta)
+                            alpha=fe_cfg.alpha, schedule=fe_cfg.schedule, beta=fe_cfg.beta, sham=fe_cfg.sham,
+                            mask_loss_weight=fe_cfg.mask_loss_weight)
     extra = {"batch_norm": mc.batch_norm} if mc.backbone == "vgg16" else {}
-    backbone = BACKBONES[mc.backbone](mc.train_crop or size, mc.width, mc.pretrained, fe=fe, **extra)
+    try:
+        backbone = BACKBONES[mc.backbone](mc.train_crop or size, mc.width, mc.pretrained, fe=fe,
+                                          maps=mc.heads, **extra)
+    except MapsError as e:
+        raise ConfigError(f"model.heads: expected at most the backbone's source maps ({e})") from None
     try:
         out = meta_out(backbone, 3, size, backbone.dry_run_device)
     except RuntimeError as e:  # a window-built tail that cannot take the whole slice
@@ -232,12 +268,14 @@ def build_model(model_cfg: ModelConfig, fe_cfg: FEConfig) -> CMBDetector:
         head: nn.Module = SSDLiteHead(channels, n_anchors, NUM_CLASSES, norm)
     else:
         head = SSDHead(channels, n_anchors, NUM_CLASSES)
+    if fe_cfg.mask_loss_weight > 0:  # the mask arm: zero-initialised, training-only (FeatureEnhancement)
+        fe.attach_mask_head(channels[0])
     if mc.pretrained:
         mean, std = _VGG_CAFFE if mc.backbone == "vgg16" else _IMAGENET
     else:
         mean, std = _MRI
     spec = {"backbone": mc.backbone, "batch_norm": mc.batch_norm, "width": mc.width,
-            "pretrained": mc.pretrained, "input": mc.input, "priors": mc.priors}
+            "pretrained": mc.pretrained, "input": mc.input, "priors": mc.priors, "heads": mc.heads}
     return CMBDetector(
         backbone, anchors, size, head, image_mean=mean, image_std=std, feature_shapes=shapes,
         score_thresh=mc.score_thresh, nms_thresh=mc.nms_thresh, detections_per_img=mc.detections_per_img,

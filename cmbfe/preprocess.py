@@ -294,12 +294,14 @@ def _run_jobs(jobs: list[dict], pcfg: PreprocessConfig, images: Path, on_bad_fil
     return sorted(results, key=lambda r: r["patient_id"])
 
 
-def _coco(res: list[dict], split_of: dict[str, str], pcfg: PreprocessConfig) -> tuple[dict, list]:
-    """COCO dicts per split (one ``all`` without boxes when unlabelled, i.e. ``split_of`` empty) and
-    warnings. Image ids are global and stable (1.. over sorted patients and slices); annotation ids
-    run over train, val, test."""
+def _coco(res: list[dict], split_of: dict[str, str], pcfg: PreprocessConfig,
+          names: tuple[str, ...] = SPLITS) -> tuple[dict, list]:
+    """COCO dicts per split of ``names`` (one ``all`` without boxes when unlabelled, i.e. ``split_of`` empty)
+    and warnings. ``train`` holds CMB and brain slices; any other split CMB slices plus mimic-only negatives
+    (``val_negatives_ratio`` for val, ``test_negatives_ratio`` for the others). Image ids are global and
+    stable (1.. over sorted patients and slices); annotation ids run over the splits in order."""
     ext = "jpg" if pcfg.image_format == "jpg" else "png"
-    pools = {s: {"pos": [], "brain": [], "mimic": []} for s in (*SPLITS, "all")}
+    pools = {s: {"pos": [], "brain": [], "mimic": []} for s in (*names, "all")}
     next_id, notes = 1, []
     for r in res:
         (nz, ny, nx), (dz, dy, dx) = r["shape"], r["spacing_mm"]
@@ -315,14 +317,16 @@ def _coco(res: list[dict], split_of: dict[str, str], pcfg: PreprocessConfig) -> 
                 g["pos"].append(im)
             g["brain"] += [im] if not im["has_cmb"] and (r["brain"][k] or not split_of) else []
             g["mimic"] += [im] if not im["has_cmb"] and kinds else []
-    train = pools["train"]
-    chosen = {"train": train["pos"] + train["brain"]} if split_of else {"all": pools["all"]["brain"]}
-    for s in ("val", "test") if split_of else ():
+    chosen = {} if split_of else {"all": pools["all"]["brain"]}
+    if split_of and "train" in names:
+        chosen["train"] = pools["train"]["pos"] + pools["train"]["brain"]
+    evaluated = [s for s in names if s != "train"] if split_of else []
+    for s in evaluated:
         pos, cand = pools[s]["pos"], pools[s]["mimic"]
         want = round((pcfg.val_negatives_ratio if s == "val" else pcfg.test_negatives_ratio) * len(pos))
         if want > len(cand):
             notes.append(f"{s}: {want} mimic-only negative slices wanted, only {len(cand)} exist; all taken")
-        rng = np.random.default_rng([pcfg.split_seed, SPLITS.index(s)])
+        rng = np.random.default_rng([pcfg.split_seed, SPLITS.index(s) if s in SPLITS else len(SPLITS)])
         pick = rng.choice(len(cand), size=min(want, len(cand)), replace=False).tolist() if cand else []
         chosen[s] = pos + [cand[i] for i in sorted(pick)]
     out, ann_id = {}, 1
@@ -332,7 +336,7 @@ def _coco(res: list[dict], split_of: dict[str, str], pcfg: PreprocessConfig) -> 
         out[s], ann_id = _coco_split(s, ims, boxes, ann_id)
     if split_of and pcfg.labels != "geometric":  # the same images with the geometric boxes, for comparison
         geo = {(r["patient_id"], k): v for r in res for k, v in r["cmb_boxes_geometric"].items()}
-        for s in ("val", "test"):
+        for s in evaluated:
             name = split_name(s, geometric=True)
             out[name], _ = _coco_split(f"{s} (geometric boxes)", out[s]["images"], geo, 1)
     return out, notes
@@ -375,14 +379,17 @@ def _write_tables(pre: DataDir, res: list[dict], split_of: dict[str, str]) -> No
 
 def preprocess_cohort(raw_dir: str | Path, out_dir: str | Path, cfg: Config, *, overwrite: bool = False,
                       on_bad_file: str = "fail", progress: bool = True, centroids: str | Path | None = None,
-                      centroid_units: str = "vox", centroid_diameter_mm: float = 5.0) -> dict:
+                      centroid_units: str = "vox", centroid_diameter_mm: float = 5.0,
+                      split: str | None = None) -> dict:
     """Preprocess every patient of ``raw_dir`` into the PRE layout of docs/design.md at ``out_dir``.
 
     Patients run in parallel (``cfg.preprocess.workers`` processes). ``out_dir`` is built in a temp
     sibling and renamed at the end, so an error leaves nothing behind; an existing non-empty
     ``out_dir`` is refused unless ``overwrite``. ``centroids``: a CSV labelling DICOM folders (see the
     module docstring; ``centroid_units`` ``vox`` or ``mm``, ``centroid_diameter_mm`` where the CSV has
-    no ``diameter_mm``). Returns a summary (mode, patients, per-split counts).
+    no ``diameter_mm``). ``split``: every patient of labelled input goes to this one split (e.g. ``holdout``,
+    built as the test split is), instead of the train/val/test split. Returns a summary (mode, patients,
+    per-split counts).
     """
     raw, out = Path(raw_dir).resolve(), Path(out_dir).resolve()
     pcfg = config.check(cfg.preprocess, "preprocess")  # as at load, for a config changed in code
@@ -390,6 +397,9 @@ def preprocess_cohort(raw_dir: str | Path, out_dir: str | Path, cfg: Config, *, 
         raise InputError(f"{out}: output folder must not be inside the input folder {raw}")
     if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
         raise InputError(f"{out}: exists and is not empty (use --overwrite to replace it)")
+    if split is not None and (not split.isidentifier() or split == "all"):
+        raise ValueError(f"split must be a name such as 'holdout' (not 'all'), not {split!r}")
+    names = (split,) if split else SPLITS
     t0 = time.perf_counter()
     cent = None
     if centroids is not None:
@@ -407,17 +417,18 @@ def preprocess_cohort(raw_dir: str | Path, out_dir: str | Path, cfg: Config, *, 
         split_of: dict[str, str] = {}
         if mode in ("synthetic", "valdo", "centroids"):
             has_cmb = {r["patient_id"]: bool(r["cmb_boxes"]) for r in res}
-            split_of = split_patients(list(has_cmb), has_cmb, pcfg.split_ratios, pcfg.split_seed)
+            split_of = ({p: split for p in has_cmb} if split else
+                        split_patients(list(has_cmb), has_cmb, pcfg.split_ratios, pcfg.split_seed))
             _write_tables(pre, res, split_of)
-        cocos, notes = _coco(res, split_of, pcfg)
+        cocos, notes = _coco(res, split_of, pcfg, names)
         for name, obj in cocos.items():
             pre.write_split(name, obj)
         notes = [w for r in res for w in r["warnings"]] + notes
-        notes += [f"split {s} has no patients" for s in SPLITS if split_of and s not in split_of.values()]
+        notes += [f"split {s} has no patients" for s in names if split_of and s not in split_of.values()]
         for n in notes:
             warnings.warn(n, stacklevel=2)
         summary = {"mode": mode, "patients": len(res),
-                   "splits": {s: sum(v == s for v in split_of.values()) for s in SPLITS} if split_of else {},
+                   "splits": {s: sum(v == s for v in split_of.values()) for s in names} if split_of else {},
                    "images": {k: len(v["images"]) for k, v in cocos.items()},
                    "annotations": {k: len(v["annotations"]) for k, v in cocos.items()},
                    "seconds": round(time.perf_counter() - t0, 3)}
@@ -453,12 +464,17 @@ def main(argv: list[str] | None = None) -> int:
                     help="x, y, z as voxel (col, row, slice) or LPS mm")
     ap.add_argument("--centroid-diameter-mm", type=float, default=5.0,
                     help="diameter of CMBs whose row has no diameter_mm")
+    ap.add_argument("--split", default=None, metavar="NAME",
+                    help="every patient into this one split (built as test is), e.g. holdout")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
+    if args.split is not None and (not args.split.isidentifier() or args.split == "all"):
+        ap.error(f"--split: a name such as holdout (not 'all'), not {args.split!r}")
     cfg = config.load(args.params, args.set)
     s = preprocess_cohort(args.input, args.out, cfg, overwrite=args.overwrite, on_bad_file=args.on_bad_file,
                           progress=not args.no_progress, centroids=args.centroids,
-                          centroid_units=args.centroid_units, centroid_diameter_mm=args.centroid_diameter_mm)
+                          centroid_units=args.centroid_units, centroid_diameter_mm=args.centroid_diameter_mm,
+                          split=args.split)
     print(f"preprocessed {s['patients']} patients ({s['mode']}) into {s['out_dir']} in {s['seconds']:.1f} s; "
           f"images {s['images']}, boxes {s['annotations']}"
           + (f"; patients per split {s['splits']}" if s["splits"] else ""))

@@ -1,6 +1,6 @@
 """What a run executes on and with: thread settings, device description, package versions.
 
-Dependency-free within cmbfe (no cmbfe imports), so every layer may use it; torch is imported only
+Base layer (imports only `cmbfe.errors`, inside a function), so every layer may use it; torch is imported only
 inside the functions that need it.
 
 ``CMBFE_THREADS`` (when set) fixes torch's intra-op thread count: tiny CPU models run fastest on one
@@ -14,7 +14,10 @@ import os
 import platform
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
 
 THREADS_ENV = "CMBFE_THREADS"
 THREAD_VARS = (THREADS_ENV, "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
@@ -77,3 +80,16 @@ def package_versions(packages: tuple[str, ...] = PACKAGES) -> dict[str, str]:
             out[name] = "not installed"
     out["python"] = platform.python_version()
     return out
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is an error (``ConfigError``)."""
+    import torch
+
+    from cmbfe.errors import ConfigError
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device '{name}' requested but CUDA is not available")
+    return torch.device(name)

@@ -39,8 +39,9 @@ from cmbfe.utils import atomic_path
 from cmbfe.volume import Lesion, Volume, volume_slice_boxes
 
 
-def synthesize_patient(index: int, cfg: SynthConfig) -> Volume:
-    """One synthetic SWI magnitude volume ``SYN-{index+1:04d}`` with its CMBs and mimics (deterministic)."""
+def synthesize_patient(index: int, cfg: SynthConfig, prefix: str = "SYN") -> Volume:
+    """One synthetic SWI magnitude volume ``{prefix}-{index+1:04d}`` with its CMBs and mimics (deterministic
+    in ``(cfg.seed, index)``; the prefix only names it)."""
     rng = np.random.default_rng([cfg.seed, index])
     g, tpl = geometry(cfg), template()
     warp = Warp(rng, cfg, g)
@@ -80,7 +81,7 @@ def synthesize_patient(index: int, cfg: SynthConfig) -> Volume:
         if -0.5 <= c[2] < g.nsl - 0.5:
             mimics.append(SynthLesion(len(mimics) + 1, tuple(float(v) for v in c), float(diam), kind, loc,
                                       radius_true_mm=a, dchi_ppm=dchi))
-    return Volume(data, g.affine.copy(), f"SYN-{index + 1:04d}", lesions, mimics, source="cmbfe.synth")
+    return Volume(data, g.affine.copy(), f"{prefix}-{index + 1:04d}", lesions, mimics, source="cmbfe.synth")
 
 
 LESION_COLUMNS = ["lesion_id", "patient_id", "kind", "location", "i", "j", "k", "x_mm", "y_mm", "z_mm",
@@ -119,10 +120,10 @@ def _init_worker() -> None:
     template()
 
 
-def _write_patient(index: int, cfg: SynthConfig, root: str) -> dict:
+def _write_patient(index: int, cfg: SynthConfig, root: str, prefix: str = "SYN") -> dict:
     """Synthesize one patient and write its DICOM series and CSVs under ``root``; return its stats."""
     t = time.perf_counter()
-    vol = synthesize_patient(index, cfg)
+    vol = synthesize_patient(index, cfg, prefix)
     pdir = Path(root) / vol.patient_id
     write_dicom_series(vol, pdir / "dicom", uid_seed=f"cmbfe-synth-{cfg.seed}-{vol.patient_id}",
                        echo_time_ms=cfg.te_ms, field_t=cfg.field_t)
@@ -136,9 +137,10 @@ def _write_patient(index: int, cfg: SynthConfig, root: str) -> dict:
 
 
 def synthesize_cohort(
-    out_dir: Path, cfg: SynthConfig, progress: bool = True, overwrite: bool = False
+    out_dir: Path, cfg: SynthConfig, progress: bool = True, overwrite: bool = False, prefix: str = "SYN"
 ) -> pd.DataFrame:
-    """Write the cohort (``SYN-xxxx/dicom``, ``lesions.csv``, ``mimics.csv``, ``cohort.csv``) atomically.
+    """Write the cohort (``SYN-xxxx/dicom``, ``lesions.csv``, ``mimics.csv``, ``cohort.csv``) atomically;
+    ``prefix`` names the patients (``HOLD`` for the hold-out cohort, :mod:`cmbfe.holdout`).
 
     Built in a temp sibling folder and renamed at the end; an existing non-empty ``out_dir`` is an
     error unless ``overwrite``. Returns the cohort table (the ``cohort.csv`` columns plus per-patient
@@ -157,13 +159,13 @@ def synthesize_cohort(
         bar = tqdm(total=cfg.patients, desc="synth", unit="patient", disable=not progress)
         if cfg.workers <= 1 or cfg.patients == 1:
             for i in range(cfg.patients):
-                rows.append(_write_patient(i, cfg, str(tmp)))
+                rows.append(_write_patient(i, cfg, str(tmp), prefix))
                 bar.update()
         else:
             ctx = multiprocessing.get_context("spawn")  # torch/OpenMP are not fork-safe
             ex = ProcessPoolExecutor(min(cfg.workers, cfg.patients), mp_context=ctx, initializer=_init_worker)
             try:
-                futs = [ex.submit(_write_patient, i, cfg, str(tmp)) for i in range(cfg.patients)]
+                futs = [ex.submit(_write_patient, i, cfg, str(tmp), prefix) for i in range(cfg.patients)]
                 for fut in as_completed(futs):
                     rows.append(fut.result())
                     bar.update()

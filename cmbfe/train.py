@@ -10,7 +10,9 @@ Usage::
 Writes ``RUN/config.yaml`` (first), ``RUN/checkpoint.pt`` (every ``train.checkpoint_every`` iterations and at
 the end; temp file + ``os.replace``), ``RUN/log.csv`` (every ``train.log_every`` iterations: iteration, loss,
 bbox_loss, cls_loss, lr, images_per_s, seconds), ``RUN/val.csv`` (val-split metrics every ``train.val_every``
-iterations and at the end), ``RUN/model.pt`` (final ``state_dict``) and ``RUN/model.json``
+iterations and at the end; with ``train.val_subset`` the in-loop rows are on a fixed subset of the val slices
+(column ``subset`` 1, ``slices`` its size) and the end has two rows, the subset's then the whole split's
+(``subset`` 0), from one prediction pass), ``RUN/model.pt`` (final ``state_dict``) and ``RUN/model.json``
 (``model.describe()`` + timings).
 
 Optimisation: Adam(lr, weight_decay), one LR-schedule step per iteration (:func:`lr_factor`):
@@ -27,7 +29,8 @@ warn_only=True)``; set ``CMBFE_THREADS`` to fix torch's intra-op threads, as thr
 reductions). Data order and augmentation depend only on ``(train.seed, draw position)`` (see
 :mod:`cmbfe.data`), the checkpoint stores model, optimizer, scheduler, AMP scaler, the torch/numpy/python RNG
 states and the iteration, so ``--resume`` reaches bit-identical weights to an uninterrupted CPU run.
-AMP (float16 autocast + GradScaler) and channels_last are used on CUDA only.
+AMP (float16 autocast + GradScaler) is used on CUDA only; channels_last on CUDA (``train.channels_last``)
+and, with ``train.channels_last_cpu``, on CPU (off by default: it changes the float results).
 """
 
 from __future__ import annotations
@@ -56,18 +59,15 @@ from tqdm.auto import tqdm
 
 from cmbfe import config as C
 from cmbfe.checkpoint import Checkpointer, TrainState, save_torch
-from cmbfe.data import InfiniteSampler, SliceDataset, collate_fn, targets_to, training_dataset
+from cmbfe.data import InfiniteSampler, SliceDataset, collate_fn, targets_to, training_dataset, val_subset
 from cmbfe.datadir import DataDir
-from cmbfe.evaluate import dets_from_coco, evaluate, gt_from_coco
 from cmbfe.fe_gap import FE_GAP_FIELDS, fe_gap, fe_gap_batch
 from cmbfe.models import build_model, split_losses
-from cmbfe.predict import predict, resolve_device
-from cmbfe.runtime import apply_thread_env
+from cmbfe.runtime import apply_thread_env, resolve_device
 from cmbfe.utils import CSVLogger, atomic_write_json, seed_everything
+from cmbfe.validation import VAL_FIELDS, csv_header, split_metrics, val_row, validate_split
 
 LOG_FIELDS = ["iteration", "loss", "bbox_loss", "cls_loss", "lr", "images_per_s", "seconds"]
-VAL_METRICS = ["ap_voc", "ap_voc07", "sensitivity", "precision", "precision_at_sensitivity_0.9"]
-VAL_FIELDS = ["iteration", *VAL_METRICS, "fp_per_cmb", "froc_mean", "n_dets", "seconds"]
 
 
 # ------------------------------------------------------------------------------------------- helpers
@@ -79,7 +79,7 @@ def dist_env() -> tuple[int, int, int]:
     return int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0"))
 
 
-def _train_step(model: nn.Module, images: list[Tensor], targets: list[dict], optimizer: Optimizer,
+def train_step(model: nn.Module, images: list[Tensor], targets: list[dict], optimizer: Optimizer,
                 scaler: torch.amp.GradScaler, amp: bool, device: torch.device, grad_clip: float = 0.0
                 ) -> tuple[Tensor, ...]:
     """One optimisation step (AMP autocast when ``amp``, gradient clipping when ``grad_clip`` > 0); returns
@@ -109,12 +109,12 @@ def step_time(model: nn.Module, images: list[Tensor], targets: list[dict], optim
     scaler = torch.amp.GradScaler(device.type, enabled=amp and device.type == "cuda")
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in range(warmup):
-        _train_step(model, images, targets, optimizer, scaler, scaler.is_enabled(), device)
+        train_step(model, images, targets, optimizer, scaler, scaler.is_enabled(), device)
     times = []
     for _ in range(max(1, repeats)):
         sync()
         t0 = time.perf_counter()
-        _train_step(model, images, targets, optimizer, scaler, scaler.is_enabled(), device)
+        train_step(model, images, targets, optimizer, scaler, scaler.is_enabled(), device)
         sync()
         times.append(time.perf_counter() - t0)
     med = statistics.median(times)
@@ -155,24 +155,6 @@ def build_ema(model: nn.Module, decay: float) -> AveragedModel | None:
     if not decay:
         return None
     return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
-
-
-def validate_split(
-    model: nn.Module, dataset: SliceDataset, cfg: C.Config, device: torch.device
-) -> dict[str, Any]:
-    """Predict on ``dataset`` (the val split) and return its metrics (``cmbfe.evaluate``) with the COCO
-    results under ``"detections"``."""
-    kw = {"input": dataset.input, "batch_size": cfg.train.batch_size, "device": device, "dataset": dataset}
-    dets = predict(model, dataset.pre_dir, dataset.split, **kw)
-    gt = gt_from_coco(dataset.coco, str(dataset.data.split_path(dataset.split)))
-    res = evaluate(
-        gt, dets_from_coco(dets, gt), match=cfg.eval.match, iou=cfg.eval.iou, radius_mm=cfg.eval.radius_mm
-    )
-    return {**res["metrics"], "detections": dets}
-
-
-def _csv_value(v: Any) -> Any:
-    return "" if v is None or (isinstance(v, float) and math.isnan(v)) else v
 
 
 # ------------------------------------------------------------------------------------------- fit
@@ -247,6 +229,7 @@ class Parts:
     batches: Iterator[tuple[list[Tensor], list[dict]]]
     checkpointer: Checkpointer
     fixed: list[tuple[Tensor, dict]] | None = None  # fixed training batch of the FE gap (FE runs only)
+    val_sub: SliceDataset | None = None  # the in-loop validation set (``val_ds`` or its fixed subset)
     start: int = 0  # first iteration of this call
     elapsed: float = 0.0  # training seconds of earlier calls
 
@@ -272,13 +255,14 @@ def build_parts(cfg: C.Config, out: Path, pre: Path, s: Session, *, resume: bool
     elif s.main:
         warnings.warn(f"{DataDir(pre).split_path('val')}: not found: no validation", stacklevel=3)
     core = build_model(cfg.model, cfg.fe).to(s.device)
-    if s.device.type == "cuda" and tc.channels_last:
+    if tc.channels_last if s.device.type == "cuda" else tc.channels_last_cpu:
         core = core.to(memory_format=torch.channels_last)
     optimizer, scheduler = build_optimizer(core, tc)
     scaler = torch.amp.GradScaler(s.device.type, enabled=s.amp)
     ckpt = Checkpointer(out / "checkpoint.pt", cfg, device=s.device, rank=s.rank, world=s.world)
     ema = build_ema(core, tc.ema)
     p = Parts(cfg, out, s, core, core, optimizer, scheduler, scaler, ema, val_ds, iter(()), ckpt)
+    p.val_sub = val_subset(val_ds, tc.val_subset) if val_ds is not None else None
     if resume and p.checkpointer.path.is_file():
         p.start, p.elapsed = p.checkpointer.restore(p.state())
     elif resume and s.main:
@@ -305,15 +289,18 @@ class RunLogs:
     """``RUN/log.csv``, ``RUN/val.csv`` (unless ``val_every`` is -1) and TensorBoard (``train.tensorboard``),
     on the main process only; appended to on resume. A context manager that closes them."""
 
-    def __init__(self, out: Path, tc: C.TrainConfig, main: bool, append: bool, fe: bool = False) -> None:
+    def __init__(self, out: Path, tc: C.TrainConfig, main: bool, append: bool, fe: bool = False,
+                 start: int = 0) -> None:
         self.log = self.val = self.tb = self.fe_gap = None
         if not main:
             return
-        self.log = CSVLogger(out / "log.csv", LOG_FIELDS, append=append)
+        # a resumed run restarts at its checkpoint ``start``: rows logged after it before the kill are dropped
+        self.log = CSVLogger(out / "log.csv", LOG_FIELDS, append=append, keep_through=start)
         if tc.val_every >= 0:  # -1: never validated, so no val.csv
-            self.val = CSVLogger(out / "val.csv", VAL_FIELDS, append=append)
+            fields = csv_header(out / "val.csv", VAL_FIELDS, append)  # a resumed old run keeps its columns
+            self.val = CSVLogger(out / "val.csv", fields, append=append, keep_through=start)
             if fe:  # FE runs: losses on a fixed batch with FE on / off at every validation
-                self.fe_gap = CSVLogger(out / "fe_gap.csv", FE_GAP_FIELDS, append=append)
+                self.fe_gap = CSVLogger(out / "fe_gap.csv", FE_GAP_FIELDS, append=append, keep_through=start)
         if tc.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter  # optional dependency
@@ -332,14 +319,21 @@ class RunLogs:
 
 
 def run_validation(p: Parts, logs: RunLogs, it: int) -> None:
-    """Validate :meth:`Parts.final_model` on the val split into ``val.csv`` (main process; others wait)."""
-    if p.val_ds is not None:
+    """Validate :meth:`Parts.final_model` into ``val.csv`` (main process; others wait): in the loop on
+    ``p.val_sub``; at the last iteration on the whole split, with the subset's row (scored from the same
+    detections) written first when there is a subset."""
+    if p.val_ds is not None and p.val_sub is not None:
+        final = it == p.cfg.train.iterations
+        ds = p.val_ds if final else p.val_sub
         tv = time.perf_counter()
-        m = validate_split(p.final_model(), p.val_ds, p.cfg, p.session.device)
-        row = {k: m.get(k) for k in VAL_FIELDS}
-        row.update(iteration=it, seconds=round(time.perf_counter() - tv, 3), n_dets=m.get("n_dets"))
-        logs.val.log({k: _csv_value(v) for k, v in row.items()})
-        if it == p.cfg.train.iterations:  # the final model's val detections, cached as the study caches them
+        m = validate_split(p.final_model(), ds, p.cfg, p.session.device)
+        seconds = time.perf_counter() - tv
+        if final and p.val_sub is not p.val_ds:
+            ts = time.perf_counter()
+            sub = split_metrics(m["detections"], p.val_sub, p.cfg)
+            logs.val.log(val_row(sub, it, time.perf_counter() - ts, p.val_sub, True))
+        logs.val.log(val_row(m, it, seconds, ds, ds is not p.val_ds))
+        if final:  # the final model's val detections, cached as the study caches them
             atomic_write_json(p.out / f"dets_{p.val_ds.split}.json", m["detections"], indent=None)
         if logs.tb is not None:
             logs.tb.add_scalar("val/ap_voc", m["ap_voc"], it)
@@ -386,7 +380,7 @@ def train_loop(p: Parts, logs: RunLogs, clock: Clock, end: int, progress: bool) 
         images, targets = next(p.batches)
         images = [im.to(s.device, non_blocking=True) for im in images]
         targets = targets_to(targets, s.device)
-        total, bbox, cls = _train_step(p.model, images, targets, p.optimizer, p.scaler, s.amp, s.device,
+        total, bbox, cls = train_step(p.model, images, targets, p.optimizer, p.scaler, s.amp, s.device,
                                        tc.grad_clip)
         p.scheduler.step()
         if p.ema is not None:
@@ -446,7 +440,7 @@ def fit(
     pre = Path(data) if data is not None else cfg.pre_path()
     with training_session(tc) as s:
         p = build_parts(cfg, out, pre, s, resume=resume)
-        with RunLogs(out, tc, s.main, append=p.start > 0, fe=cfg.fe.enabled) as logs:
+        with RunLogs(out, tc, s.main, append=p.start > 0, fe=cfg.fe.enabled, start=p.start) as logs:
             clock = Clock(p.elapsed)
             end = tc.iterations if stop_after is None else min(tc.iterations, stop_after)
             step_times = train_loop(p, logs, clock, end, progress)

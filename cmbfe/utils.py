@@ -90,13 +90,34 @@ def seed_everything(seed: int) -> None:
         pass
 
 
-class CSVLogger:
-    """Append rows (dicts with fixed keys) to a CSV file, flushing each row; safe to reopen on resume."""
+def _drop_rows_after(path: Path, iteration: int) -> None:
+    """Rewrite CSV ``path`` (atomically) without the rows whose ``iteration`` column exceeds ``iteration``."""
+    with open(path, newline="") as f:
+        lines = f.read().splitlines(keepends=True)
+    if not lines:
+        return
+    header = next(csv.reader([lines[0]]))
+    if "iteration" not in header:
+        return
+    col = header.index("iteration")
+    kept = [ln for ln in lines[1:] if not ln.strip() or int(float(next(csv.reader([ln]))[col])) <= iteration]
+    if len(kept) < len(lines) - 1:
+        atomic_write_text(path, "".join([lines[0], *kept]))
 
-    def __init__(self, path: Path, fieldnames: list[str], append: bool = False) -> None:
+
+class CSVLogger:
+    """Append rows (dicts with fixed keys) to a CSV file, flushing each row; safe to reopen on resume.
+
+    ``keep_through`` (when appending): rows whose ``iteration`` exceeds it are dropped first (atomically), so
+    a run killed after its last checkpoint and resumed from it logs those iterations once, not twice."""
+
+    def __init__(self, path: Path, fieldnames: list[str], append: bool = False,
+                 keep_through: int | None = None) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         new = not (append and self.path.exists())
+        if not new and keep_through is not None:
+            _drop_rows_after(self.path, keep_through)
         self._f = open(self.path, "w" if new else "a", newline="")  # noqa: SIM115 (held while logging)
         self._w = csv.DictWriter(self._f, fieldnames=fieldnames, extrasaction="ignore")
         if new:

@@ -266,27 +266,41 @@ def augment_examples(pre: str | Path, augment_cfg: Any, n: int = 4, seed: int = 
 
 
 def fe_figure(maps: Mapping[str, Any]) -> Figure:
-    """Paper Fig. 3: per example the image with its GT boxes, the FE change of the first detection source
-    (after - before, averaged over channels) and the overlay; ``maps`` from ``report.fe_examples``."""
-    img, before, after = maps["image"], maps["before"], maps["after"]
+    """Paper Fig. 3, for students: per example the image with its GT boxes, the FE mask M at the first
+    detection source, that source's features before and after FE (mean over channels, one shared grey scale)
+    and their difference after - before on a diverging colormap centred on zero (white: no change; red: FE
+    raised the feature, blue: lowered it). The difference scale is symmetric, ``+-max|diff|``, but never
+    narrower than 1e-3 of the features' range, so float noise (R1: the L2Norm cancels FE at the head) stays
+    white. ``maps`` from ``report.fe_examples``."""
+    from matplotlib.colors import TwoSlopeNorm
+
+    img, before, after, mask = maps["image"], maps["before"], maps["after"], maps["mask"]
     n = img.shape[0]
-    fig, axes = plt.subplots(n, 3, figsize=(9, 3 * n), squeeze=False)
-    size = img.shape[-1]
+    fig, axes = plt.subplots(n, 5, figsize=(14, 3 * n), squeeze=False)
+    titles = maps.get("titles") or [""] * n
     for k in range(n):
-        diff = (after[k] - before[k]).mean(axis=0)
-        a0, a1, a2 = axes[k]
+        b, a = before[k].mean(axis=0), after[k].mean(axis=0)
+        diff = a - b
+        lo, hi = float(min(b.min(), a.min())), float(max(b.max(), a.max()))
+        lim = max(float(np.abs(diff).max()), 1e-3 * max(hi - lo, 1e-12))
+        a0, a1, a2, a3, a4 = axes[k]
         a0.imshow(img[k, 0], cmap="gray", vmin=0, vmax=1, interpolation="nearest")
-        for b in np.asarray(maps["boxes"][k]).reshape(-1, 4):
-            a0.add_patch(Rectangle((b[0], b[1]), b[2] - b[0], b[3] - b[1], fill=False, ec=GT_COLOR, lw=1))
-        a1.imshow(diff, cmap="magma", interpolation="nearest")
-        a2.imshow(img[k, 0], cmap="gray", vmin=0, vmax=1, interpolation="nearest")
-        a2.imshow(diff, cmap="magma", alpha=0.55, extent=(0, size, size, 0), interpolation="nearest")
-        titles = maps.get("titles") or [""] * n
+        for bx in np.asarray(maps["boxes"][k]).reshape(-1, 4):
+            a0.add_patch(Rectangle((bx[0], bx[1]), bx[2] - bx[0], bx[3] - bx[1], fill=False, ec=GT_COLOR,
+                                   lw=1))
+        im1 = a1.imshow(mask[k, 0], cmap="gray_r", vmin=0, vmax=1, interpolation="nearest")
+        a2.imshow(b, cmap="gray", vmin=lo, vmax=hi, interpolation="nearest")
+        im3 = a3.imshow(a, cmap="gray", vmin=lo, vmax=hi, interpolation="nearest")
+        im4 = a4.imshow(diff, cmap="RdBu_r", norm=TwoSlopeNorm(0.0, -lim, lim), interpolation="nearest")
         a0.set_title(f"{titles[k]} with GT box", fontsize=8)
-        a1.set_title(f"FE - input features (mean over {before.shape[1]} ch)", fontsize=8)
-        a2.set_title("overlay", fontsize=8)
-        for a in axes[k]:
-            a.set_axis_off()
+        a1.set_title("FE mask M (first source)", fontsize=8)
+        a2.set_title(f"features before FE (mean of {before.shape[1]} ch)", fontsize=8)
+        a3.set_title("features after FE", fontsize=8)
+        a4.set_title(f"after - before (0 = white; max |diff| {np.abs(diff).max():.2g})", fontsize=8)
+        for ax, im in ((a1, im1), (a3, im3), (a4, im4)):
+            fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03)
+        for ax in axes[k]:
+            ax.set_axis_off()
     fig.tight_layout()
     return fig
 
@@ -302,8 +316,10 @@ def fe_explorer(maps: Mapping[str, Any]) -> Any:
         b = before[example].mean(0) if channel < 0 else before[example, channel]
         a = after[example].mean(0) if channel < 0 else after[example, channel]
         _fig, axs = plt.subplots(1, 3, figsize=(9, 3))
-        for ax, arr, t in zip(axs, (b, a, a - b), ("input", "enhanced", "difference")):
-            ax.imshow(arr, cmap="magma", interpolation="nearest")
+        lim = max(float(np.abs(a - b).max()), 1e-12)
+        for ax, arr, t in zip(axs, (b, a, a - b), ("input", "enhanced", "difference (0 = white)")):
+            diverging = {"cmap": "RdBu_r", "vmin": -lim, "vmax": lim} if t.startswith("diff") else {}
+            ax.imshow(arr, **({"cmap": "magma"} | diverging), interpolation="nearest")
             ax.set_title(t, fontsize=9)
             ax.set_axis_off()
         plt.show()

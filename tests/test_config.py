@@ -99,6 +99,12 @@ def test_override_accepts_exponent_floats():
         ("study.secondary={model.size: 64}", "study.secondary"),
         ("study.secondary={model__size: 256}", "study.secondary"),
         ("train.device=tpu", "train.device"),
+        ("model.heads=2", "model.heads"),
+        ("model.heads=-1", "model.heads"),
+        ("train.val_subset=-5", "train.val_subset"),
+        ("holdout.patients=-1", "holdout.patients"),
+        ("holdout.seed=0", "holdout.seed"),  # = synth.seed: the hold-out patients would be the study's
+        ("holdout.cohort=3", "holdout.cohort"),
     ],
 )
 def test_bad_value_fails_at_load_naming_the_key(override, key):
@@ -146,4 +152,13 @@ def test_paths_have_one_home(tmp_path):
     assert cfg.runs_path() == config.REPO_ROOT / "runs" / "smoke"
     assert cfg.results_path() == config.REPO_ROOT / "results" / "smoke"
     assert cfg.figures_path() == config.REPO_ROOT / "figures" / "smoke"
+    assert cfg.holdout_path() == tmp_path / "d-smoke" / "holdout"
     assert config.load("default").results_path() == config.REPO_ROOT / "results"
+
+
+def test_issue17_keys_default_to_what_the_code_did_before():
+    cfg = config.Config()
+    assert (cfg.model.heads, cfg.train.val_subset) == (0, 0)
+    assert cfg.holdout.patients >= 17 and cfg.holdout.seed != cfg.synth.seed
+    c = config.load("smoke", ["model.heads=3", "train.val_subset=40", "holdout.patients=2", "holdout.seed=5"])
+    assert (c.model.heads, c.train.val_subset, c.holdout.patients, c.holdout.seed) == (3, 40, 2, 5)

@@ -243,3 +243,27 @@ def test_training_dataset_is_the_training_pool(pre):
     assert plain.augment is None and plain.n_negative == 0 and plain.window == 32
     image, target = plain[(0, 0)]
     assert image.shape == (3, 32, 32) and target["boxes"].shape[1] == 4
+
+
+def test_val_subset_is_fixed_and_stratified_by_patient_and_cmb(tmp_path):
+    from collections import Counter
+
+    from cmbfe.data import val_subset
+
+    root = make_pre(tmp_path, {"val": ["P01", "P02", "P03"]})  # 3 patients x (3 CMB + 3 CMB-free slices)
+    ds = SliceDataset(root, "val")
+    sub = val_subset(ds, 8)
+    assert len(sub) == 8 and sub is not ds and len(ds) == 18  # the split itself is untouched
+    strata = Counter((im["patient_id"], ds.has_cmb(im)) for im in sub.images)
+    assert len(strata) == 6 and set(strata.values()) == {1, 2}  # 8 over 6 strata of 3: 1 or 2 each
+    assert sub.n_positive + sub.n_negative == 8 and abs(sub.n_positive - sub.n_negative) <= 2
+    ids = [im["id"] for im in sub.images]
+    assert ids == sorted(ids) and ids == [im["id"] for im in val_subset(ds, 8).images]  # deterministic
+    assert [im["id"] for im in sub.coco["images"]] == ids
+    want = [a["id"] for a in ds.coco["annotations"] if a["image_id"] in set(ids)]
+    assert [a["id"] for a in sub.coco["annotations"]] == want and want
+    img, t = sub[0]  # loads like the split: the same images, the shared cache
+    assert t["image_id"] == ids[0] and torch.equal(img, ds[[im["id"] for im in ds.images].index(ids[0])][0])
+    assert sub._cache is ds._cache
+    assert val_subset(ds, 0) is ds and val_subset(ds, 18) is ds and val_subset(ds, 100) is ds
+    assert any(a != b for a, b in zip(ids, [im["id"] for im in val_subset(ds, 8, seed=1).images]))

@@ -79,3 +79,27 @@ def test_manifest(tmp_path):
         d.manifest_dict()
     d.manifest.write_text('{"summary": {"splits": {"train": 3}}}')
     assert d.manifest_dict()["summary"]["splits"] == {"train": 3}
+
+
+def test_true_cmbs_are_every_cmb_of_the_split_boxed_or_not(tmp_path):
+    import pandas as pd
+
+    d = DataDir(tmp_path / "pre")
+    with pytest.raises(InputError, match="splits.csv"):
+        d.true_cmbs("test")
+    d.root.mkdir()
+    pd.DataFrame({"patient_id": ["P1", "P2", "P3"], "split": ["test", "test", "train"]}).to_csv(d.splits_csv,
+                                                                                                index=False)
+    with pytest.raises(InputError, match="lesions.csv"):
+        d.true_cmbs("test")
+    pd.DataFrame({"lesion_id": [1, 2, 1, 1], "patient_id": ["P1", "P1", "P2", "P3"],
+                  "kind": ["cmb"] * 4}).to_csv(d.lesions_csv, index=False)
+    coco = _coco(2)
+    coco["images"][1]["patient_id"] = "P2"
+    coco["annotations"] = [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [1, 1, 3, 3], "lesion_id": 2},
+                           {"id": 2, "image_id": 2, "category_id": 1, "bbox": [1, 1, 3, 3], "lesion_id": 1}]
+    d.write_split("test", coco)
+    t = d.true_cmbs("test")  # P3 is in train; P1's lesion 1 has no box (too faint for the label model)
+    assert list(zip(t["patient_id"], t["lesion_id"], t["boxed"])) == [("P1", 1, False), ("P1", 2, True),
+                                                                      ("P2", 1, True)]
+    assert d.lesions_csv == tmp_path / "pre" / "lesions.csv"

@@ -113,3 +113,64 @@ def test_fe_readings_pair_every_arm_with_no_fe_of_the_same_seed(monkeypatch):
     assert len(fig.axes[0].get_xticklabels()) == 2
     empty = experiments.fe_readings(config.load("smoke"), None)
     assert empty[0].empty and empty[1].empty
+
+
+def test_holm_by_hand():
+    # sorted 0.01, 0.03, 0.04, 0.5 (m = 4): 0.04, 0.09, max(0.09, 0.08) = 0.09, 0.5; NaN not counted
+    got = experiments.holm([0.01, 0.04, 0.03, np.nan, 0.5])
+    np.testing.assert_allclose(got, [0.04, 0.09, 0.09, np.nan, 0.5])
+    assert experiments.holm([0.6, 0.7])[1] == pytest.approx(1.0) and np.isnan(experiments.holm([np.nan])[0])
+
+
+def test_readings_summary_on_synthetic_numbers():
+    """Per-arm seeds (5 for no FE/R1/sham/mask, 3 for the others), the t-interval, the t-test p, Holm's
+    column computed by hand, the no-FE seed SD beside every arm and the paper's +0.023 beside R1."""
+    from scipy import stats as st
+
+    ap = f"AP {report.RUN}"
+    base = [0.50, 0.52, 0.48, 0.51, 0.49]
+    diffs = {"R1": [0.02, 0.03, 0.01, 0.04, 0.02], "R1 sham": [0.01, -0.02, 0.00, 0.02, -0.01],
+             "mask loss": [0.05, 0.04, 0.06, 0.05, 0.03], "R2 cosine": [-0.02, -0.03, -0.01]}
+    rows = [{"arm": "no FE", "seed": s, ap: v} for s, v in enumerate(base)]
+    for a, d in diffs.items():
+        rows += [{"arm": a, "seed": s, ap: base[s] + v, "AP - no FE": v, "p": 0.5} for s, v in enumerate(d)]
+    t = experiments.readings_summary(pd.DataFrame(rows)).set_index("arm")
+    assert list(t["seeds"]) == [5, 5, 5, 5, 3]
+    p = {a: st.ttest_1samp(d, 0).pvalue for a, d in diffs.items()}
+    order = sorted(p, key=p.get)  # Holm by hand: m = 4
+    want, run = {}, 0.0
+    for i, a in enumerate(order):
+        run = max(run, min(1.0, p[a] * (4 - i)))
+        want[a] = run
+    for a, d in diffs.items():
+        assert t.loc[a, experiments.P_ARM] == pytest.approx(p[a])
+        assert t.loc[a, experiments.P_HOLM] == pytest.approx(want[a])
+        assert t.loc[a, f"mean AP - no FE {report.RUN}"] == pytest.approx(np.mean(d))
+    assert np.isnan(t.loc["no FE", experiments.P_HOLM])
+    h = st.t.ppf(0.975, 4) * np.std(diffs["R1"], ddof=1) / np.sqrt(5)
+    assert t.loc["R1", "95% t-interval over seeds"] == f"[{0.024 - h:+.3f}, {0.024 + h:+.3f}]"
+    np.testing.assert_allclose(t[f"no-FE seed SD {report.RUN}"], np.std(base, ddof=1))
+    assert t.loc["R1", f"SSD-FE - SSD {report.PAPER}"] == pytest.approx(0.023)
+    assert "holm" in experiments.P_HOLM.lower()
+
+
+def test_arm_seeds_pair_every_arm_with_no_fe():
+    cfg = config.load("smoke", ["study.seeds=[0, 1, 2, 3, 4]", "study.fe_arms=[R1, R2 cosine, R1 sham]",
+                                "study.fe_arm_seeds={R2 cosine: 3, R1: 2, R1 sham: 2}"])
+    s = experiments.arm_seeds(cfg, ["no FE", *cfg.study.fe_arms])
+    assert s == {"no FE": (0, 1, 2), "R1": (0, 1), "R2 cosine": (0, 1, 2), "R1 sham": (0, 1)}
+    with pytest.raises(config.ConfigError, match="study.fe_arm_seeds"):
+        config.load("smoke", ["study.fe_arm_seeds={R1: 9}"])
+    with pytest.raises(config.ConfigError, match="study.fe_arm_seeds"):
+        config.load("smoke", ["study.fe_arm_seeds={R9: 1}"])
+
+
+def test_fe_readings_profile_has_the_seeds_of_issue_19():
+    cfg = config.load("fe-readings")
+    arms = list(cfg.study.fe_arms)
+    assert len(arms) == 8 and any("sham" in a for a in arms) and any("mask" in a for a in arms)
+    seeds = experiments.arm_seeds(cfg, arms)
+    for a in arms:
+        assert len(seeds[a]) >= (5 if a in ("no FE", "R1", "R1 sham", "mask loss") else 3)
+    n_runs = sum(len(v) for v in seeds.values())
+    assert n_runs * 6.5 / cfg.study.jobs <= 150  # ~6.5 min per default run, two at a time (README)

@@ -32,9 +32,9 @@ LAYERS: dict[str, int] = {
     # stages: readers and writers, synthesis, preprocessing, data, the model's parts, evaluation, plots
     "io": 3, "dicom_write": 3, "synth_anatomy": 3, "synth_physics": 3, "synth_lesions": 3, "synth": 3,
     "augment": 3, "preprocess": 3, "data": 3, "backbones": 3, "models": 3, "evaluate": 3, "viz": 3,
-    "cocoresults": 3,
+    "cocoresults": 3, "holdout": 3,
     # the model folder, inference and training
-    "modelfolder": 4, "predict": 4, "checkpoint": 4, "fe_gap": 4, "train": 4,
+    "modelfolder": 4, "predict": 4, "checkpoint": 4, "fe_gap": 4, "validation": 4, "train": 4,
 }
 WINGS = {"detect": 5, "study": 6}  # every module of a wing sits on its layer
 ENTRY = {"cli": 7}  # the ``cmbfe`` command: dispatches to core stages and to both wings

@@ -319,3 +319,16 @@ def test_voc_ap_matches_reference_implementation():
         n_gt = max(int(rng.integers(1, 30)), int(tp.sum()))
         assert M.ap_voc(tp, n_gt) == pytest.approx(_voc_eval_reference(tp, n_gt, False), abs=1e-12)
         assert M.ap_voc07(tp, n_gt) == pytest.approx(_voc_eval_reference(tp, n_gt, True), abs=1e-12)
+
+
+def test_lesion_sensitivity_against_every_true_cmb():
+    L, L2 = [20, 20, 6, 6], [80, 80, 6, 6]
+    g, d = make({1: [L], 2: [L], 3: [L2]}, [(1, L, 0.9), (3, [150, 150, 6, 6], 0.8)],
+                lesions={0: "L1", 1: "L1", 2: "L2"})
+    m = M.match(g, d)
+    assert M.lesion_metrics(g, d, m, None)["lesion_sensitivity"] == 0.5  # 1 of the 2 boxed lesions
+    r = M.lesion_sensitivity_all(g, d, m, None, n_true=4)  # 2 more true CMBs the label model left unboxed
+    assert r == {"lesion_sensitivity_all": 0.25, "lesion_tp": 1, "n_true_cmbs": 4, "n_unboxed": 2}
+    assert M.lesion_sensitivity_all(g, d, m, 0.95, n_true=2)["lesion_sensitivity_all"] == 0.0
+    with pytest.raises(ValueError, match="boxed lesions"):
+        M.lesion_sensitivity_all(g, d, m, None, n_true=1)

@@ -432,6 +432,61 @@ def test_max_box_mm_drops_oversized_detections():
     torch.testing.assert_close(kept["scores"], all_dets["scores"][big])  # the rest untouched, same order
 
 
+@pytest.mark.parametrize(("backbone", "size", "crop"), [("vgg16", 512, 128), ("resnet34", 300, 0),
+                                                      ("mobilenet_v3", 320, 0)])
+def test_heads_keep_only_the_finest_maps_and_build_no_deeper_block(backbone, size, crop):
+    kw = {"backbone": backbone, "size": size, "train_crop": crop, "width": 0.125, "priors": "cmb"}
+    full = build_model(ModelConfig(**kw), FEConfig())
+    cut = build_model(ModelConfig(**kw, heads=3), FEConfig())
+    d_full, d_cut = full.describe(), cut.describe()
+    assert [f["size"] for f in d_cut["feature_maps"]] == [f["size"] for f in d_full["feature_maps"]][:3]
+    assert len(cut.backbone.extra) == len(full.backbone.extra) - (len(d_full["feature_maps"]) - 3)
+    assert d_cut["params"] < d_full["params"] and d_cut["heads"] == 3 and d_full["heads"] == 0
+    assert len(cut.head.classification_head.module_list) == 3
+    cut.eval()
+    with torch.no_grad():  # whole slices through the cut network, 3 maps' anchors only
+        out = cut([torch.rand(3, 96, 96)])[0]
+    assert out["boxes"].shape[-1] == 4
+    cut.train()
+    side = crop or size
+    losses = cut([torch.rand(3, side, side), torch.rand(3, side, side)],
+                 [target(torch.tensor([[20.0, 20.0, 26.0, 27.0]]))] * 2)
+    assert all(torch.isfinite(v) for v in losses.values())
+
+
+def test_heads_3_on_the_default_profile_fits_cmbs():
+    """SSD-512 built for 128-px windows with 'cmb' priors: maps 64/32/16 px, priors 3.75/7.5/15/15 mm; without
+    heads the deeper two maps (14 and 13 px on a whole slice) carry 17-31 mm priors."""
+    cfg = C.load("default")
+    full = build_model(cfg.model, cfg.fe).describe()
+    cut = build_model(C.with_overrides(cfg, {"model.heads": 3}).model, cfg.fe).describe()
+    assert [f["size"][0] for f in cut["feature_maps"]] == [64, 32, 16]
+    assert [round(s * FOV_MM, 2) for s in cut["scales"]] == [3.75, 7.5, 15.0, 15.0]
+    assert [f["size"][0] for f in full["feature_maps"]][:3] == [64, 32, 16] and len(full["feature_maps"]) == 5
+    assert max(max(wh) for wh in cut["feature_maps"][-1]["anchor_wh_mm"]) <= 15.0
+
+
+def test_heads_equal_to_all_maps_builds_the_same_network_as_0():
+    """``maps`` changes nothing but the number of blocks built: same RNG draws, same weights."""
+    torch.manual_seed(0)
+    a = small("vgg16")
+    n = len(a.describe()["feature_maps"])
+    torch.manual_seed(0)
+    b = small("vgg16", heads=n)
+    assert a.state_dict().keys() == b.state_dict().keys()
+    assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+
+
+def test_heads_validated():
+    with pytest.raises(C.ConfigError, match="model.heads"):
+        small("vgg16", heads=2)  # priors need 3 maps
+    with pytest.raises(C.ConfigError, match="model.heads.*only 5 source maps"):
+        small("vgg16", heads=6)  # VGG-16 at 128 px has 5
+    with pytest.raises(C.ConfigError, match="model.heads"):
+        C.load("smoke", ["model.heads=1"])
+    assert C.load("smoke", ["model.heads=3"]).model.heads == 3
+
+
 def test_fe_part_has_no_state_and_the_model_reads_no_config():
     m = small(fe=True)
     assert not list(m.fe.parameters()) and not list(m.fe.buffers())

@@ -15,6 +15,7 @@ from pycocotools.coco import COCO
 
 from cmbfe import config
 from cmbfe.cli import main as cli_main
+from cmbfe.datadir import DataDir
 from cmbfe.dicom_write import write_dicom_series
 from cmbfe.io import InputError
 from cmbfe.preprocess import (
@@ -209,6 +210,14 @@ def test_table1(pre, tmp_path):
     assert t.set_index("split").loc["train", "CMBs (paper, private data)"] == 845
     total = t.set_index("split").loc["total"]
     assert total["boxes < 2 mm (this run)"] == 0  # annotator labels: no side below 2 mm
+    # every true CMB of lesions.csv, boxed or not, per split (issue #17)
+    les = pd.read_csv(DataDir(pre).lesions_csv)
+    true, unboxed = "true 3D CMBs, lesions.csv (this run)", "true CMBs without a box (this run)"
+    assert total[true] == len(les) and total[unboxed] == len(les) - total["3D CMBs (this run)"]
+    share = "label model lesion sensitivity: boxed / true CMBs (this run)"
+    assert total[share] == pytest.approx(round(total["3D CMBs (this run)"] / len(les), 4))
+    one = table1(pre, ("test",))  # one split: no total row
+    assert list(one["split"]) == ["test"] and one.iloc[0][true] == len(DataDir(pre).true_cmbs("test"))
     assert total["box side mm, median [IQR] (this run)"].count("[") == 1
     sizes = box_size_table(pre)
     assert {"as labelled", "geometric"} == set(sizes["labels"]) and set(sizes["split"]) == {"train", "val", "test"}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from cmbfe import config, study
 from cmbfe import metrics as M
@@ -77,3 +78,15 @@ def test_box_scale_table_medians():
     assert t.loc["SSD-300", iou] == 1.0
     assert t.loc["SSD-300-FE", ratio] == 0.5 and t.loc["SSD-300-FE", big] == 0.5
     assert abs(t.loc["SSD-300-FE", iou] - 0.25) < 1e-9
+
+
+def test_holdout_vs_test_per_arm():
+    cfg = study.with_overrides(config.load("smoke"), {"study.sizes": [512], "study.seeds": [0, 1]})
+    ap = {(False, 0): 0.60, (False, 1): 0.62, (True, 0): 0.70, (True, 1): 0.66}
+    ev = {(512, fe, s): {"metrics": {"ap_voc": v}} for (fe, s), v in ap.items()}
+    hold = {k: {"metrics": {"ap_voc": v["metrics"]["ap_voc"] - (0.1 if k[1] else 0.02)}} for k, v in ev.items()}
+    t = report.holdout_vs_test(cfg, ev, hold).set_index("model")
+    assert list(t.index) == ["SSD-512", "SSD-512-FE"]
+    assert t.loc["SSD-512", "hold-out minus test"] == pytest.approx(-0.02)
+    assert t.loc["SSD-512-FE", "hold-out minus test"] == pytest.approx(-0.1)
+    assert list(t["within 0.05"]) == [True, False] and t.loc["SSD-512", "AP hold-out per seed"] == "0.580, 0.600"

@@ -61,7 +61,7 @@ def test_run_key_ignores_what_does_not_change_the_weights():
                                       "train.ema": 0.0, "train.schedule": "step"})
     assert study.run_key(same) == study.run_key(cfg)
     for over in ({"train.seed": 1}, {"fe.enabled": False}, {"train.ema": 0.5}, {"train.schedule": "cosine"},
-                 {"model.size": 256}, {"eval.match": "centre"}):
+                 {"model.size": 256}, {"eval.match": "centre"}, {"train.channels_last_cpu": True}):
         assert study.run_key(study.with_overrides(cfg, over)) != study.run_key(cfg), over
     assert study.data_key(study.with_overrides(cfg, {"model.size": 256})) == study.data_key(cfg)
     assert study.data_key(study.with_overrides(cfg, {"synth.seed": 1})) != study.data_key(cfg)
@@ -72,7 +72,9 @@ def test_grids_and_tags():
     cfg = config.load("default")
     grid = study.main_grid(cfg)
     assert len(grid) == len(cfg.study.sizes) * 2 * len(cfg.study.seeds)
-    assert grid[0] == {"size": 512, "fe": False, "seed": 0}
+    # Table 2: SSD-300 and SSD-512, each without and with FE, three seeds each
+    assert grid[0] == {"size": 300, "fe": False, "seed": 0} and grid[-1] == {"size": 512, "fe": True, "seed": 2}
+    assert len(grid) == 12 and {g["size"] for g in grid} == {300, 512}
     c = study.grid_config(cfg, size=256, fe=True, seed=2,
                           overrides={"model.priors": "paper", "model.train_crop": 0})
     assert (c.model.size, c.fe.enabled, c.train.seed, c.model.priors) == (256, True, 2, "paper")
@@ -190,3 +192,58 @@ def test_evaluate_run_on_a_split_reads_the_split_and_the_cached_detections(tmp_p
     assert study.evaluate_run(cfg, run, pre, bootstrap=0)["metrics"]["ap_voc"] < 1.0
     with pytest.raises(InputError, match="nope.json"):
         study.evaluate_run(cfg, run, pre, split="nope")
+
+
+def test_issue17_keys_keep_cached_runs_and_new_values_make_new_runs():
+    cfg = study.grid_config(config.load("smoke"), fe=True, seed=0)
+    for key, neutral, other in (("model.heads", 0, 3), ("train.val_subset", 0, 40)):
+        assert study.run_key(study.with_overrides(cfg, {key: neutral})) == study.run_key(cfg)
+        assert study.run_key(study.with_overrides(cfg, {key: other})) != study.run_key(cfg), key
+    assert study.run_tag(study.with_overrides(cfg, {"model.heads": 3})).startswith("vgg16-128-cmb-h3-")
+    # the hold-out cohort: not part of the study's data key; its own key
+    same = {"holdout.patients": 5, "holdout.seed": 7, "model.size": 256}
+    assert study.data_key(study.with_overrides(cfg, same)) == study.data_key(cfg)
+    hk = study.holdout_key(cfg)
+    assert study.holdout_key(study.with_overrides(cfg, {"synth.seed": 3, "model.size": 256})) == hk
+    for over in ({"holdout.patients": 5}, {"holdout.seed": 7}, {"synth.matrix": 64},
+                 {"preprocess.labels": "geometric"}):
+        assert study.holdout_key(study.with_overrides(cfg, over)) != hk, over
+
+
+def test_ensure_holdout_builds_once_per_holdout_key(repo, monkeypatch):
+    calls = []
+
+    def fake_make(cfg, *, progress, overwrite):
+        calls.append((cfg.holdout.patients, overwrite))
+        DataDir(cfg.holdout_path() / "pre").write_split("holdout", {"images": []})
+
+    monkeypatch.setattr(runs, "make_holdout", fake_make)
+    cfg = config.load("smoke")
+    pre = study.ensure_holdout(cfg)
+    assert pre == repo / "data" / "smoke" / "holdout" / "pre" and calls == [(2, True)]
+    assert study.ensure_holdout(study.with_overrides(cfg, {"model.size": 256})) == pre and len(calls) == 1
+    study.ensure_holdout(study.with_overrides(cfg, {"holdout.patients": 3}))
+    assert calls[-1] == (3, True)
+    assert study.ensure_holdout(study.with_overrides(cfg, {"holdout.patients": 0})) is None
+
+
+def test_cached_predictions_follow_their_split_file(tmp_path, monkeypatch):
+    run, pre = tmp_path / "run", DataDir(tmp_path / "pre")
+    run.mkdir()
+    config.dump(config.load("smoke"), run / "config.yaml")
+    monkeypatch.setattr(runs, "load_model", lambda r: "model")
+    seen = []
+
+    def fake_predict(model, pre_dir, split, *, input, batch_size):
+        seen.append(split)
+        return [{"image_id": 1, "category_id": 1, "bbox": [0, 0, 1, 1], "score": 0.1 * len(seen)}]
+
+    monkeypatch.setattr(runs, "predict", fake_predict)
+    pre.write_split("holdout", {"images": [{"id": 1}]})
+    first = study.ensure_predictions(run, pre.root, "holdout")
+    assert study.ensure_predictions(run, pre.root, "holdout") == first and len(seen) == 1
+    pre.write_split("holdout", {"images": [{"id": 1}, {"id": 2}]})  # the cohort was rebuilt
+    assert study.ensure_predictions(run, pre.root, "holdout") != first and len(seen) == 2
+    (run / "dets_holdout.stamp").unlink()  # a cache from before stamps: reused
+    assert study.ensure_predictions(run, pre.root, "holdout")[0]["score"] == pytest.approx(0.2)
+    assert len(seen) == 2

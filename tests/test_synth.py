@@ -181,10 +181,10 @@ def test_refuses_to_overwrite(cohort, tmp_path, capsys):
 def test_atomic_on_failure(tmp_path, monkeypatch):
     real = synth.synthesize_patient
 
-    def flaky(index, cfg):
+    def flaky(index, cfg, *rest):
         if index == 1:
             raise RuntimeError("boom")
-        return real(index, cfg)
+        return real(index, cfg, *rest)
 
     monkeypatch.setattr(synth, "synthesize_patient", flaky)
     out = tmp_path / "raw"

@@ -260,3 +260,89 @@ def test_fit_is_a_few_named_parts():
     assert src.count("\n") <= 60
     for part in ("training_session(", "build_parts(", "train_loop(", "checkpointer.save(", "save_final("):
         assert part in src, part
+
+
+def test_channels_last_cpu_resumes_bit_identically_and_survives_validation(pre, tmp_path):
+    """train.channels_last_cpu (off by default): the model trains in channels_last on CPU, an in-loop validation
+    (predict switches formats) hands it back in channels_last, and a resumed run is bit-identical."""
+    from cmbfe import predict as P
+
+    over = TINY + ["train.iterations=4", "train.batch_size=2", "train.log_every=1", "train.checkpoint_every=2",
+                   "train.val_every=2", "train.channels_last_cpu=true"]
+    cfg = C.load(None, over)
+    assert C.load(None, TINY).train.channels_last_cpu is False
+    straight = fit(cfg, tmp_path / "a", data=pre, progress=False)
+    fit(cfg, tmp_path / "b", data=pre, progress=False, stop_after=2)
+    resumed = fit(cfg, tmp_path / "b", data=pre, resume=True, progress=False)
+    a, b = torch.load(straight, weights_only=True), torch.load(resumed, weights_only=True)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    plain = torch.load(fit(C.load(None, over[:-1]), tmp_path / "c", data=pre, progress=False), weights_only=True)
+    assert any(not torch.equal(a[k], plain[k]) for k in a if a[k].is_floating_point())  # the switch acts
+    # predict restores the memory format it found, either one
+    for fmt, want in ((torch.channels_last, True), (torch.contiguous_format, False)):
+        model = build_model(cfg.model, cfg.fe).to(memory_format=fmt)
+        assert P.is_channels_last(model) is want
+        P.predict(model, pre, "val", batch_size=2)
+        assert P.is_channels_last(model) is want
+
+
+def test_val_subset_changes_what_is_logged_not_the_weights(pre, tmp_path):
+    from cmbfe.checkpoint import save_torch
+    from cmbfe.data import SliceDataset, val_subset
+    from cmbfe.validation import split_metrics
+
+    over = TINY + ["train.iterations=4", "train.batch_size=2", "train.log_every=1", "train.checkpoint_every=2",
+                   "train.val_every=2", "train.lr_steps=[]"]
+    cfg_full, cfg_sub = C.load(None, over), C.load(None, over + ["train.val_subset=3"])
+    a = torch.load(fit(cfg_full, tmp_path / "full", data=pre, progress=False), weights_only=True)
+    b = torch.load(fit(cfg_sub, tmp_path / "sub", data=pre, progress=False), weights_only=True)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    full, sub = _rows(tmp_path / "full" / "val.csv"), _rows(tmp_path / "sub" / "val.csv")
+    assert [(r["iteration"], r["subset"], r["slices"]) for r in full] == [("2", "0", "6"), ("4", "0", "6")]
+    # in the loop the fixed 3-slice subset; at the end its row, then the whole split's (the final one)
+    assert [(r["iteration"], r["subset"], r["slices"]) for r in sub] == [("2", "1", "3"), ("4", "1", "3"),
+                                                                      ("4", "0", "6")]
+    assert {k: v for k, v in sub[-1].items() if k != "seconds"} == \
+        {k: v for k, v in full[-1].items() if k != "seconds"}
+    dets = json.loads((tmp_path / "sub" / "dets_val.json").read_text())
+    assert dets == json.loads((tmp_path / "full" / "dets_val.json").read_text())
+    ds = val_subset(SliceDataset(pre, "val"), 3)
+    assert float(sub[1]["ap_voc"]) == pytest.approx(split_metrics(dets, ds, cfg_sub)["ap_voc"])
+    # the logged quantity must not change mid-run: a resume with another val_subset is refused ...
+    ck = fit(cfg_full, tmp_path / "c", data=pre, progress=False, stop_after=2)
+    with pytest.raises(ConfigError, match="train.val_subset"):
+        fit(cfg_sub, tmp_path / "c", data=pre, resume=True, progress=False)
+    # ... while a checkpoint written before the issue-17 keys existed resumes (missing keys = defaults)
+    state = torch.load(ck, weights_only=True)
+    del state["config"]["model"]["heads"], state["config"]["train"]["val_subset"], state["config"]["holdout"]
+    save_torch(state, ck)
+    old = [{k: v for k, v in r.items() if k not in ("subset", "slices")} for r in _rows(tmp_path / "c" / "val.csv")]
+    with open(tmp_path / "c" / "val.csv", "w", newline="") as f:  # val.csv as such a run wrote it
+        w = csv.DictWriter(f, fieldnames=list(old[0]))
+        w.writeheader()
+        w.writerows(old)
+    c = torch.load(fit(cfg_full, tmp_path / "c", data=pre, resume=True, progress=False), weights_only=True)
+    assert all(torch.equal(a[k], c[k]) for k in a)
+    rows = _rows(tmp_path / "c" / "val.csv")  # appended in the file's own columns
+    assert [r["iteration"] for r in rows] == ["2", "4"] and all(None not in r and "subset" not in r for r in rows)
+
+
+def test_a_run_killed_after_its_checkpoint_logs_each_iteration_once(pre, tmp_path):
+    """Killed between checkpoints, a run resumes from the last one: the rows it logged after that checkpoint
+    before the kill are dropped, so log.csv and val.csv hold each iteration once, as an uninterrupted run."""
+    over = TINY + ["train.iterations=4", "train.batch_size=2", "train.log_every=1", "train.checkpoint_every=2",
+                   "train.val_every=2"]
+    cfg = C.load(None, over)
+    fit(cfg, tmp_path / "a", data=pre, progress=False)
+    fit(cfg, tmp_path / "b", data=pre, progress=False, stop_after=2)
+    log, val = tmp_path / "b" / "log.csv", tmp_path / "b" / "val.csv"
+    # what the killed process wrote after its checkpoint at 2: iteration 3's log row and a stray val row
+    with open(log, "a") as f:
+        f.write(",".join(["3"] + ["0"] * (len(_rows(log)[0]) - 1)) + "\n")
+    with open(val, "a") as f:
+        f.write(",".join(["3"] + ["0"] * (len(_rows(val)[0]) - 1)) + "\n")
+    fit(cfg, tmp_path / "b", data=pre, resume=True, progress=False)
+    assert [int(r["iteration"]) for r in _rows(log)] == [1, 2, 3, 4]
+    assert [r["loss"] for r in _rows(log)] == [r["loss"] for r in _rows(tmp_path / "a" / "log.csv")]
+    assert [int(r["iteration"]) for r in _rows(val)] == [int(r["iteration"]) for r in _rows(tmp_path / "a" / "val.csv")]

@@ -47,7 +47,7 @@ def run_detect(input_path: str | Path, out_dir: str | Path, *, model: str | Path
 
     ``model``: a folder/``.pt`` path (default ``models/``) or an already loaded :class:`Detector`.
     """
-    from cmbfe.predict import resolve_device
+    from cmbfe.runtime import resolve_device
 
     src, out = Path(input_path).resolve(), Path(out_dir).resolve()
     if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):

@@ -14,14 +14,14 @@ import numpy as np
 import pandas as pd
 import torch
 
+from cmbfe import metrics as M
 from cmbfe import stats
 from cmbfe.config import Ablation, Config, FEArm, with_overrides
 from cmbfe.data import training_dataset
 from cmbfe.datadir import SPLITS, DataDir
 from cmbfe.models import build_model
-from cmbfe.predict import resolve_device
-from cmbfe.runtime import device_description
-from cmbfe.study import paper, runs
+from cmbfe.runtime import device_description, resolve_device
+from cmbfe.study import curves, paper, runs
 from cmbfe.study.report import PAPER, RUN
 from cmbfe.study.runs import evaluate_run
 from cmbfe.train import build_optimizer, step_time
@@ -104,22 +104,34 @@ def cross_validate(cfg: Config, pre: Path) -> pd.DataFrame:
 
 
 def cv_summary(cfg: Config, folds: pd.DataFrame) -> pd.DataFrame:
-    """Mean AP over folds with its spread (SD, min-max) beside the paper's 10-fold means."""
+    """Mean AP over folds with its 95 % t-interval over folds (:func:`cmbfe.stats.combine_seeds`; folds as
+    the replicates) and its spread (SD, min-max), beside the paper's 10-fold means."""
     rows = []
+    ci_col = f"mean AP [95% t-interval over folds] {RUN}"
     for fe in (False, True):
         col = f"AP {'SSD-FE' if fe else 'SSD'}"
         v = folds[col].to_numpy()
         rows.append({"model": "SSD-FE" if fe else "SSD", "folds": len(v), f"mean AP {RUN}": v.mean(),
+                     ci_col: _interval_text(stats.combine_seeds(v)),
                      f"SD over folds {RUN}": v.std(ddof=1) if len(v) > 1 else np.nan,
                      f"min-max {RUN}": f"{v.min():.3f}-{v.max():.3f}",
                      f"mean AP, 10 folds {PAPER}": paper.CV_MEAN_AP[fe]})
     d = folds["AP difference (FE - SSD)"].to_numpy()
     cs = stats.combine_seeds(d)
     rows.append({"model": "FE - SSD (paired by fold)", "folds": len(d), f"mean AP {RUN}": cs["mean"],
+                 ci_col: _interval_text(cs, signed=True),
                  f"SD over folds {RUN}": d.std(ddof=1) if len(d) > 1 else np.nan,
                  f"min-max {RUN}": f"{d.min():.3f}-{d.max():.3f}",
                  f"mean AP, 10 folds {PAPER}": paper.CV_MEAN_AP[True] - paper.CV_MEAN_AP[False]})
     return pd.DataFrame(rows)
+
+
+def _interval_text(cs: dict[str, float], signed: bool = False) -> str:
+    """``mean [lo, hi]`` of a :func:`cmbfe.stats.combine_seeds` result (the mean alone without one)."""
+    f = "{:+.3f}" if signed else "{:.3f}"
+    if not np.isfinite(cs.get("lo", np.nan)):
+        return f.format(cs["mean"])
+    return f"{f.format(cs['mean'])} [{f.format(cs['lo'])}, {f.format(cs['hi'])}]"
 
 
 def _paper_table3_key(backbone: str) -> str:
@@ -165,10 +177,35 @@ def _paper_table3_columns(backbone: str) -> dict[str, Any]:
             f"FE time ratio {PAPER}": round(p["s_per_batch"][1] / p["s_per_batch"][0], 3)}
 
 
+def operating_point_columns(res: dict[str, Any], run: Path, arm: str, target: float = 0.9) -> dict[str, Any]:
+    """Table 3 cells of one evaluated run (:func:`cmbfe.study.runs.evaluate_run`, the profile's hit rule):
+    recall and precision at the highest score threshold reaching ``target`` recall (the paper's "precision at
+    90 % recall"), AP, and whether the run passed the plateau criterion (:func:`cmbfe.study.curves.plateau`:
+    val AP moving < 0.02 over the last 20 % of training). Recall and precision of a run that did not pass, or
+    never reaches ``target``, are a sentence saying so, never a number."""
+    p = curves.plateau(curves.val_curve(run))
+    k = M.operating_point(res["curve"], target)
+    if not p["at_plateau"]:
+        moved = "fewer than 2 validations in the window" if p["window_range"] is None or p["checks"] < 2 \
+            else f"val AP moved {p['window_range']:.3f} over the last 20 %"
+        recall = precision = f"not converged ({moved})"
+    elif k is None:
+        recall = f"max {res['metrics']['sensitivity']:.3f} (< {target:.0%})"
+        precision = f"n/a ({target:.0%} recall not reached)"
+    else:
+        recall = round(float(res["curve"].sensitivity[k]), 4)
+        precision = round(float(res["curve"].precision[k]), 4)
+    return {f"recall at the {target:.0%} point {arm} {RUN}": recall,
+            f"precision at {target:.0%} recall {arm} {RUN}": precision,
+            f"AP {arm} {RUN}": res["metrics"]["ap_voc"], f"converged {arm} {RUN}": bool(p["at_plateau"])}
+
+
 def table3(cfg: Config, pre: Path) -> pd.DataFrame:
-    """Table 3: per ``study.timing_backbones`` entry (``backbone:size``), precision at 90 % recall
-    without/with FE (trained ``study.timing_iterations``; only with ``study.timing_precision``) and
-    training seconds per batch of ``study.timing_batch`` (:func:`_step_times`)."""
+    """Table 3: per ``study.timing_backbones`` entry (``backbone:size``), recall and precision at the paper's
+    operating point (90 % recall) without/with FE from runs that pass the plateau criterion
+    (:func:`operating_point_columns`; trained ``study.timing_iterations`` with the profile's validation
+    schedule; only with ``study.timing_precision``) and training seconds per batch of ``study.timing_batch``
+    (:func:`_step_times`)."""
     its = cfg.study.timing_iterations or cfg.train.iterations
     device = resolve_device(cfg.train.device)
     dev = device_description()
@@ -177,14 +214,15 @@ def table3(cfg: Config, pre: Path) -> pd.DataFrame:
     rows = []
     for spec in cfg.study.timing_backbones:
         backbone, size = spec.split(":")
+        # the profile's validation schedule is kept: the plateau criterion needs the run's val curve
         base = with_overrides(cfg, {**cfg.study.secondary, "model.backbone": backbone,
-                                    "model.size": int(size), "train.iterations": its, "train.val_every": 0})
+                                    "model.size": int(size), "train.iterations": its})
         row: dict[str, Any] = {"backbone": backbone, "input": f"{size}x{size}"}
         for fe in (False, True) if cfg.study.timing_precision else ():
             c = with_overrides(base, {"fe.enabled": fe})
-            m = evaluate_run(c, runs.ensure_run(c), pre, bootstrap=0)["metrics"]
-            row[f"precision@90% {'SSD-FE' if fe else 'SSD'} {RUN}"] = m["precision_at_sensitivity_0.9"]
-            row[f"AP {'SSD-FE' if fe else 'SSD'} {RUN}"] = m["ap_voc"]
+            run = runs.ensure_run(c)
+            row |= operating_point_columns(evaluate_run(c, run, pre, bootstrap=0), run,
+                                           "SSD-FE" if fe else "SSD")
         t0, t1 = _step_times(cfg, base, pre, device)
         row[f"s/batch of {cfg.study.timing_batch} SSD {RUN}"] = round(t0, 4)
         row[f"s/batch SSD-FE {RUN}"] = round(t1, 4)
@@ -248,40 +286,59 @@ def ablations(cfg: Config, pre: Path) -> pd.DataFrame:
 
 
 def _fe_on(placement: str, variant: str, schedule: str) -> dict[str, Any]:
-    return {"fe.enabled": True, "fe.placement": placement, "fe.variant": variant, "fe.schedule": schedule}
+    return {"fe.enabled": True, "fe.placement": placement, "fe.variant": variant, "fe.schedule": schedule,
+            "fe.sham": False, "fe.mask_loss_weight": 0.0}
 
 
-# The readings of the paper's FE (README, "Feature enhancement"), each an arm of the paired comparison
+MASK_LOSS_WEIGHT = 1.0  # the mask arm's BCE weight (fe.mask_loss_weight): the detection losses are O(1)
+
+# The readings of the paper's FE (README, "Feature enhancement"), each an arm of the paired comparison; every
+# arm sets every FE key it depends on, so a profile's ``fe`` section cannot leak into an arm
 FE_ARMS: dict[FEArm, dict[str, Any]] = {
-    "no FE": {"fe.enabled": False},
+    "no FE": {"fe.enabled": False, "fe.sham": False, "fe.mask_loss_weight": 0.0},
     "R1": _fe_on("pre_l2norm", "fe", "constant"),
     "R2 constant": _fe_on("post_l2norm", "fe", "constant"),
     "R2 cosine": _fe_on("post_l2norm", "fe", "cosine"),
     "R3": _fe_on("pre_l2norm", "l2n", "constant"),
     "R4 cosine": _fe_on("pre_l2norm", "mean", "cosine"),
     "AE cosine": _fe_on("pre_l2norm", "ae", "cosine"),
+    # the null: R1's alpha and per-box masks, moved off every GT box (cmbfe.fe.sham_shifts)
+    "R1 sham": {**_fe_on("pre_l2norm", "fe", "constant"), "fe.sham": True},
+    # the leak-free reuse of the ground truth: FE off, a 1x1 head on conv4_3 predicts M (BCE), dropped at test
+    "mask loss": {"fe.enabled": False, "fe.sham": False, "fe.mask_loss_weight": MASK_LOSS_WEIGHT},
 }
 
 
-def fe_readings(cfg: Config, pre: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Every arm of ``study.fe_arms`` trained with every seed of ``study.seeds`` (same data order and
-    augmentation per seed: the arms differ only in FE), evaluated on the test split.
+def holm(p: list[float] | np.ndarray) -> np.ndarray:
+    """Holm's step-down adjustment of the p-values ``p`` (family-wise error over them; NaNs kept as NaN and
+    not counted): sort ascending, ``p_(i) * (m - i)`` for ``i = 0..m-1``, running maximum, capped at 1."""
+    v = np.asarray(p, dtype=float)
+    out = np.full(v.shape, np.nan)
+    ok = np.flatnonzero(np.isfinite(v))
+    m = len(ok)
+    if m == 0:
+        return out
+    order = ok[np.argsort(v[ok], kind="stable")]
+    adj = np.minimum(1.0, np.maximum.accumulate(v[order] * (m - np.arange(m))))
+    out[order] = adj
+    return out
 
-    Returns ``(per_seed, summary)``: per arm and seed the AP and, against the no-FE run of the same seed,
-    the paired patient-bootstrap difference with its CI; per arm the mean AP over seeds, the mean difference
-    with a t-interval over seeds, and the no-FE arm's seed SD (what a difference must exceed to be more
-    than seed noise). Empty frames when the profile lists no arms."""
-    arms = list(cfg.study.fe_arms)
-    if not arms:
-        return pd.DataFrame(), pd.DataFrame()
-    if "no FE" not in arms:
-        arms = ["no FE", *arms]
-    res = {(a, s): evaluate_run(c, runs.ensure_run(c), pre)
-           for a in arms for s in cfg.study.seeds
-           for c in [with_overrides(cfg, {**FE_ARMS[a], "train.seed": s})]}
+
+def arm_seeds(cfg: Config, arms: list[str]) -> dict[str, tuple[int, ...]]:
+    """The seeds each arm is trained with: the first ``study.fe_arm_seeds[arm]`` of ``study.seeds`` (all when
+    not listed); ``no FE`` gets every seed any arm uses (at least its own count), so each arm has its
+    same-seed no-FE pair."""
+    seeds = tuple(cfg.study.seeds)
+    out = {a: seeds[: cfg.study.fe_arm_seeds.get(a, len(seeds))] for a in arms}
+    others = [len(v) for a, v in out.items() if a != "no FE"]
+    out["no FE"] = seeds[: max(others + [cfg.study.fe_arm_seeds.get("no FE", 1)])]
+    return out
+
+
+def _per_seed(cfg: Config, arms: list[str], seeds: dict[str, tuple[int, ...]], res: dict) -> pd.DataFrame:
     rows = []
     for a in arms:
-        for s in cfg.study.seeds:
+        for s in seeds[a]:
             r, base = res[(a, s)], res[("no FE", s)]
             row: dict[str, Any] = {"arm": a, "seed": s, f"AP {RUN}": r["metrics"]["ap_voc"]}
             if a != "no FE":
@@ -290,21 +347,64 @@ def fe_readings(cfg: Config, pre: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
                 row |= {"AP - no FE": d["diff"],
                         "95% CI (paired patient bootstrap)": f"[{d['lo']:+.3f}, {d['hi']:+.3f}]", "p": d["p"]}
             rows.append(row)
-    per_seed = pd.DataFrame(rows)
-    base_sd = float(np.std(per_seed.loc[per_seed["arm"] == "no FE", f"AP {RUN}"], ddof=1)) \
-        if len(cfg.study.seeds) > 1 else np.nan
-    summary = []
-    for a in arms:
+    return pd.DataFrame(rows)
+
+
+P_ARM = "p (t over seeds; 1 seed: paired bootstrap)"
+P_HOLM = "p Holm over arms"
+
+
+def readings_summary(per_seed: pd.DataFrame) -> pd.DataFrame:
+    """Per arm (from :func:`fe_readings`' per-seed frame): seeds, mean AP, mean AP - no FE with a t-interval
+    over seeds and its p (:data:`P_ARM`: one-sample two-sided t-test of the per-seed paired differences
+    against 0; an arm with one seed: that seed's paired-bootstrap p), the Holm-adjusted p over the arms other
+    than no FE (:data:`P_HOLM`, :func:`holm`), the no-FE seed SD and the paper's +0.023 beside R1."""
+    from scipy.stats import ttest_1samp
+
+    ap = f"AP {RUN}"
+    base = per_seed.loc[per_seed["arm"] == "no FE", ap].to_numpy()
+    base_sd = float(np.std(base, ddof=1)) if len(base) > 1 else np.nan
+    rows = []
+    for a in dict.fromkeys(per_seed["arm"]):
         sub = per_seed[per_seed["arm"] == a]
-        row = {"arm": a, "seeds": len(sub), f"mean AP {RUN}": float(sub[f"AP {RUN}"].mean()),
-               f"no-FE seed SD {RUN}": base_sd}
+        row: dict[str, Any] = {"arm": a, "seeds": len(sub), f"mean AP {RUN}": float(sub[ap].mean())}
         if a != "no FE":
-            cs = stats.combine_seeds(sub["AP - no FE"].to_numpy())
+            d = sub["AP - no FE"].to_numpy(dtype=float)
+            cs = stats.combine_seeds(d)
             ci = f"[{cs['lo']:+.3f}, {cs['hi']:+.3f}]" if np.isfinite(cs["lo"]) else ""
-            row |= {f"mean AP - no FE {RUN}": cs["mean"], "95% t-interval over seeds": ci}
+            if len(d) > 1:
+                p = float(ttest_1samp(d, 0.0).pvalue) if np.std(d) > 0 else np.nan
+            else:
+                p = float(sub["p"].iloc[0])
+            row |= {f"mean AP - no FE {RUN}": cs["mean"], "95% t-interval over seeds": ci, P_ARM: p}
+        row[f"no-FE seed SD {RUN}"] = base_sd
         row[f"SSD-FE - SSD {PAPER}"] = paper.TABLE2_FE_GAIN if a == "R1" else np.nan
-        summary.append(row)
-    return per_seed, pd.DataFrame(summary)
+        rows.append(row)
+    out = pd.DataFrame(rows)
+    if P_ARM in out:
+        out.insert(out.columns.get_loc(P_ARM) + 1, P_HOLM, holm(out[P_ARM].to_numpy(dtype=float)))
+    return out
+
+
+def fe_readings(cfg: Config, pre: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Every arm of ``study.fe_arms`` trained with its seeds (:func:`arm_seeds`; same data order and
+    augmentation per seed: the arms differ only in FE), evaluated on the test split.
+
+    Returns ``(per_seed, summary)``: per arm and seed the AP and, against the no-FE run of the same seed,
+    the paired patient-bootstrap difference with its CI and p; per arm :func:`readings_summary`. Runs are
+    cached per configuration (:func:`cmbfe.study.runs.ensure_run`), so an interrupted profile resumes where
+    it stopped. Empty frames when the profile lists no arms."""
+    arms = list(cfg.study.fe_arms)
+    if not arms:
+        return pd.DataFrame(), pd.DataFrame()
+    if "no FE" not in arms:
+        arms = ["no FE", *arms]
+    seeds = arm_seeds(cfg, arms)
+    res = {(a, s): evaluate_run(c, runs.ensure_run(c), pre)
+           for a in arms for s in seeds[a]
+           for c in [with_overrides(cfg, {**FE_ARMS[a], "train.seed": s})]}
+    per_seed = _per_seed(cfg, arms, seeds, res)
+    return per_seed, readings_summary(per_seed)
 
 
 def fe_readings_figure(per_seed: pd.DataFrame) -> Any:

@@ -30,29 +30,36 @@ PAPER = f"({paper.LABEL})"
 RUN = "(this run)"
 
 
-def table1(pre_dir: str | Path) -> pd.DataFrame:
-    """Table 1 of a PRE folder: per split (and total), patients / CMB slices / CMBs (per-slice boxes,
-    as the paper counts) of this run beside the paper's numbers, plus this run's 3D CMB count."""
+def table1(pre_dir: str | Path, splits: tuple[str, ...] = SPLITS) -> pd.DataFrame:
+    """Table 1 of a PRE folder: per split of ``splits`` (and total), patients / CMB slices / CMBs (per-slice
+    boxes, as the paper counts) of this run beside the paper's numbers, plus this run's 3D CMB count (boxed),
+    every true CMB of ``lesions.csv`` (:meth:`cmbfe.datadir.DataDir.true_cmbs`), how many of them the label
+    model left without a box, and the label model's lesion sensitivity (boxed / true CMBs). The paper's
+    columns are empty for a split it does not have (the hold-out cohort: ``splits=("holdout",)``)."""
     pre = DataDir(pre_dir)
     if not pre.splits_csv.is_file():
         raise InputError(f"{pre.splits_csv}: not found (unlabelled data or not a preprocessed folder)")
-    splits = pd.read_csv(pre.splits_csv)
+    split_of = pd.read_csv(pre.splits_csv)
     label = paper.LABEL
     rows, allc = [], []
-    for s in SPLITS:
+    for s in splits:
         coco = pre.coco(s)
+        theirs = paper.TABLE1.get(s, (np.nan,) * 3)
         allc.append(coco)
         pid_of = {im["id"]: im["patient_id"] for im in coco["images"]}
         anns = coco["annotations"]
-        rows.append({"split": s, "patients (this run)": int((splits["split"] == s).sum()),
-                     f"patients ({label})": paper.TABLE1[s][0],
+        rows.append({"split": s, "patients (this run)": int((split_of["split"] == s).sum()),
+                     f"patients ({label})": theirs[0],
                      "CMB slices (this run)": len({a["image_id"] for a in anns}),
-                     f"CMB slices ({label})": paper.TABLE1[s][1],
-                     "CMBs (this run)": len(anns), f"CMBs ({label})": paper.TABLE1[s][2],
+                     f"CMB slices ({label})": theirs[1],
+                     "CMBs (this run)": len(anns), f"CMBs ({label})": theirs[2],
                      "3D CMBs (this run)": len({(pid_of[a["image_id"]], a["lesion_id"]) for a in anns}),
-                     **_size_columns(box_sides_mm(coco))})
+                     **_true_cmb_columns(pre.true_cmbs(s)), **_size_columns(box_sides_mm(coco))})
     df = pd.DataFrame(rows)
+    if len(splits) < 2:
+        return df
     total = {c: (df[c].sum() if c != "split" else "total") for c in df.columns}
+    total[LABEL_SENS] = _share(total[BOXED_OF_TRUE[0]] - total[BOXED_OF_TRUE[1]], total[BOXED_OF_TRUE[0]])
     total |= _size_columns(np.concatenate([box_sides_mm(c) for c in allc]))
     return pd.concat([df, pd.DataFrame([total])], ignore_index=True)
 
@@ -65,6 +72,23 @@ def box_sides_mm(coco: dict[str, Any]) -> np.ndarray:
                       for a in coco["annotations"]], dtype=float)
     # to 1e-3 mm, as metrics.recall_by_size: COCO's 1e-4 px rounding reads 2 mm as 1.99997
     return np.round(sides, 3)
+
+
+TRUE_CMBS = "true 3D CMBs, lesions.csv (this run)"
+UNBOXED = "true CMBs without a box (this run)"
+BOXED_OF_TRUE = (TRUE_CMBS, UNBOXED)
+LABEL_SENS = "label model lesion sensitivity: boxed / true CMBs (this run)"
+
+
+def _share(part: int, whole: int) -> float:
+    return round(part / whole, 4) if whole else float("nan")
+
+
+def _true_cmb_columns(true: pd.DataFrame) -> dict[str, Any]:
+    """Table 1's columns from :meth:`cmbfe.datadir.DataDir.true_cmbs`: every true CMB of the split, those left
+    without a box, and the share boxed."""
+    n, unboxed = len(true), int((~true["boxed"]).sum())
+    return {TRUE_CMBS: n, UNBOXED: unboxed, LABEL_SENS: _share(n - unboxed, n)}
 
 
 def _size_columns(sides: np.ndarray) -> dict[str, Any]:
@@ -95,12 +119,14 @@ def box_size_table(pre_dir: str | Path) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def evaluate_main(cfg: Config, pre: Path) -> dict[tuple[int, bool, int], dict[str, Any]]:
-    """Train (if needed) and evaluate every configuration of :func:`cmbfe.study.runs.main_grid`."""
+def evaluate_main(cfg: Config, pre: Path, split: str = "test") -> dict[tuple[int, bool, int], dict[str, Any]]:
+    """Train (if needed, on the profile's data) and evaluate every configuration of
+    :func:`cmbfe.study.runs.main_grid` on the ``split`` of PRE folder ``pre`` (the hold-out cohort:
+    ``evaluate_main(cfg, study.ensure_holdout(cfg), "holdout")``)."""
     out = {}
     for g in main_grid(cfg):
         c = grid_config(cfg, **g)
-        out[(g["size"], g["fe"], g["seed"])] = evaluate_run(c, ensure_run(c), pre)
+        out[(g["size"], g["fe"], g["seed"])] = evaluate_run(c, ensure_run(c), pre, split=split)
     return out
 
 
@@ -138,6 +164,24 @@ def table2(cfg: Config, ev: dict) -> pd.DataFrame:
     if not any(s in (300, 512) for s in cfg.study.sizes):
         for (ps, fe), ap in sorted(paper.TABLE2_AP.items()):
             rows.append({"model": f"{_name(ps, fe)} {PAPER}", f"AP {PAPER}": ap})
+    return pd.DataFrame(rows)
+
+
+def holdout_vs_test(cfg: Config, ev: dict, ev_holdout: dict, tol: float = 0.05) -> pd.DataFrame:
+    """Each arm of Table 2 on the test split and on the hold-out cohort (``ev``, ``ev_holdout``:
+    :func:`evaluate_main` on each): mean AP over seeds, per-seed APs, the difference and whether it is within
+    ``tol`` (issue #17 asks each arm's hold-out mean within 0.05 of the test split's)."""
+    rows = []
+    for size in cfg.study.sizes:
+        for fe in (False, True):
+            test = [ev[(size, fe, s)]["metrics"]["ap_voc"] for s in cfg.study.seeds]
+            hold = [ev_holdout[(size, fe, s)]["metrics"]["ap_voc"] for s in cfg.study.seeds]
+            diff = float(np.mean(hold) - np.mean(test))
+            rows.append({"model": _name(size, fe), f"AP test, mean {RUN}": float(np.mean(test)),
+                         f"AP hold-out, mean {RUN}": float(np.mean(hold)),
+                         "hold-out minus test": diff, f"within {tol:g}": bool(abs(diff) <= tol),
+                         "AP test per seed": ", ".join(f"{a:.3f}" for a in test),
+                         "AP hold-out per seed": ", ".join(f"{a:.3f}" for a in hold)})
     return pd.DataFrame(rows)
 
 
@@ -179,27 +223,6 @@ def curves_figures(cfg: Config, ev: dict) -> tuple[Any, Any]:
     fig4 = viz.plot_pr(runs, title=f"Sensitivity-precision (test, seed {seed})")
     fig5 = viz.plot_froc(runs, title=f"FROC (test, seed {seed})")
     return fig4, fig5
-
-
-def table4(cfg: Config, ev: dict) -> pd.DataFrame:
-    """Table 4: at the highest score threshold that still reaches 90 % sensitivity, this run (mean over seeds)
-    and the paper's rows as published (comparators quoted, not rerun)."""
-    rows = []
-    for size in cfg.study.sizes:
-        for fe in (False, True):
-            ms = [ev[(size, fe, s)]["metrics"] for s in cfg.study.seeds]
-            prec = stats.combine_seeds([m["precision_at_sensitivity_0.9"] for m in ms])
-            fpc = [m["fp_per_cmb"] for m in ms if m["fp_per_cmb"] is not None]
-            rows.append({"method": f"{_name(size, fe)} {RUN}",
-                         "sensitivity": 0.9 if len(fpc) == len(ms) else
-                         f"max {max(m['sensitivity'] for m in ms):.3f} (< 0.9 in {len(ms) - len(fpc)} of "
-                         f"{len(ms)} seeds)",
-                         "precision": _ci_text(prec),
-                         "FP/CMB": _ci_text(stats.combine_seeds(fpc)) if fpc else "n/a"})
-    for r in paper.TABLE4:
-        rows.append({"method": f"{r['method']} {PAPER}", "sensitivity": r["sensitivity"],
-                     "precision": f"{r['precision']:.3f}", "FP/CMB": f"{r['fp_per_cmb']:.2f}"})
-    return pd.DataFrame(rows)
 
 
 def mimic_table(cfg: Config, ev: dict) -> pd.DataFrame:
@@ -298,11 +321,13 @@ def label_model_table(cfg: Config, ev: dict, pre: Path) -> pd.DataFrame:
 
 
 def learning_curves(cfg: Config, ev: dict) -> tuple[Any, pd.DataFrame]:
-    """Validation AP curves of every main run in one figure, and the plateau criterion per run
-    (:mod:`cmbfe.curves`: val AP range < 0.02 over the last 20 % of training)."""
+    """Validation AP curves of every main run in one figure, and per run the plateau criterion and the
+    convergence rule (:mod:`cmbfe.study.curves`: val AP range < 0.02 over the last 20 % of training, and the
+    final val AP within 0.05 of the best seed of its arm, SSD-<size> or SSD-<size>-FE); every run listed."""
     runs = {f"{_name(size, fe)} seed {seed}": r["run"] for (size, fe, seed), r in sorted(ev.items())}
+    arms = {f"{_name(size, fe)} seed {seed}": _name(size, fe) for (size, fe, seed) in sorted(ev)}
     fig = curves.plot_learning_curves(runs, title="validation AP during training (every run of Table 2)")
-    return fig, curves.plateau_table(runs)
+    return fig, curves.convergence_table(runs, arms)
 
 
 def box_scale_table(cfg: Config, ev: dict, min_side_px: float = 5.0) -> pd.DataFrame:
@@ -346,37 +371,12 @@ def fe_difference_tiles(cfg: Config, ev: dict, pre: Path, n: int = 8) -> tuple[A
     each model at its own 90 %-sensitivity threshold; first seed, largest size; smallest CMBs first."""
     size, seed = max(cfg.study.sizes), cfg.study.seeds[0]
     a, b = ev[(size, False, seed)], ev[(size, True, seed)]  # a: SSD, b: SSD-FE
+    from cmbfe.study.mechanism import difference_sets  # the rules, shared with their null
+
     gt = a["gt"]
-    keep = {}
-    for key, r in (("ssd", a), ("fe", b)):
-        d, m = r["dets"], r["matching"]
-        sel = d.scores >= _threshold(r["metrics"])
-        keep[key] = (d.image[sel], d.boxes[sel], m.tp[sel], d.scores[sel])
     images = {int(im["id"]): im for im in a["coco"]["images"]}
-    # Fig. 6: SSD false positives with no SSD-FE detection overlapping them on the same image.
-    tiles6 = []
-    img_a, box_a, tp_a, sc_a = keep["ssd"]
-    img_b, box_b, tp_b, _ = keep["fe"]
-    for i in np.argsort(-sc_a, kind="stable"):
-        if tp_a[i]:
-            continue
-        same = img_b == img_a[i]
-        if same.any() and (M.iou_pairs(box_a[i:i + 1].repeat(same.sum(), 0), box_b[same]) > 0.1).any():
-            continue
-        tiles6.append((int(img_a[i]), box_a[i], sc_a[i]))
-        if len(tiles6) >= n:
-            break
-    # Fig. 7: GT boxes hit by SSD-FE's true positives but by none of SSD's, smallest first.
-    def hit_gt(img, box, tp):
-        hits = set()
-        for im, bx in zip(img[tp], box[tp]):
-            on = np.flatnonzero(gt.box_image == im)
-            if len(on):
-                j = on[np.argmax(M.iou_pairs(np.repeat(bx[None], len(on), 0), gt.boxes[on]))]
-                hits.add(int(j))
-        return hits
-    only_fe = sorted(hit_gt(img_b, box_b, tp_b) - hit_gt(img_a, box_a, tp_a),
-                     key=lambda j: float(np.prod(gt.boxes[j, 2:] - gt.boxes[j, :2])))[:n]
+    removed, found = difference_sets(a, b)
+    tiles6, only_fe = removed[:n], found[:n]
 
     def tiles(items, title):
         if not items:

@@ -7,6 +7,7 @@ notebooks that need the same run (05 and 04, say) share it.
 
 Where things go (the path methods of :class:`cmbfe.config.Config`, from the repository root):
 - data: ``cfg.raw_path()`` (DICOM cohort), ``cfg.pre_path()`` (slices + COCO, :class:`cmbfe.datadir.DataDir`);
+  the hold-out cohort under ``cfg.holdout_path()`` (:func:`ensure_holdout`, PRE split ``holdout``);
 - runs: ``cfg.runs_path() / "<tag>-<confighash>"``;
 - tables: ``cfg.results_path()`` (``results/`` for the ``default`` profile, committed; ``results/<profile>/``
   otherwise);
@@ -31,13 +32,14 @@ from cmbfe import metrics as M
 from cmbfe import stats
 from cmbfe.config import REPO_ROOT, Config, load, with_overrides
 from cmbfe.datadir import DataDir
+from cmbfe.holdout import HOLDOUT_SPLIT, holdout_pre, make_holdout
 from cmbfe.modelfolder import load_model
 from cmbfe.predict import predict
 from cmbfe.preprocess import preprocess_cohort
 from cmbfe.study.tables import write_table
 from cmbfe.synth import synthesize_cohort
 from cmbfe.train import fit
-from cmbfe.utils import atomic_write_json
+from cmbfe.utils import atomic_write_json, atomic_write_text
 from cmbfe.viz import save_figure as _save_figure
 
 try:
@@ -72,12 +74,37 @@ def ensure_data(cfg: Config, *, force: bool = False, progress: bool = True) -> P
     return pre
 
 
+def holdout_key(cfg: Config) -> str:
+    """Hash of what determines the hold-out cohort: the synth section but its seed and size, the holdout
+    section (which gives them) and the preprocess section."""
+    d = cfg.to_dict()
+    synth = {k: v for k, v in d["synth"].items() if k not in ("workers", "seed", "patients")}
+    pre = {k: v for k, v in d["preprocess"].items() if k != "workers"}
+    return _hash({"synth": synth, "holdout": d["holdout"], "preprocess": pre})
+
+
+def ensure_holdout(cfg: Config, *, force: bool = False, progress: bool = True) -> Path | None:
+    """Synthesise and preprocess the hold-out cohort of ``cfg`` (:func:`cmbfe.holdout.make_holdout`) unless
+    a matching copy exists; return its PRE folder (split ``holdout``); None when ``holdout.patients`` is 0."""
+    if cfg.holdout.patients < 1:
+        return None
+    pre, stamp = holdout_pre(cfg), cfg.holdout_path() / "holdout_key.json"
+    key = holdout_key(cfg)
+    if not force and stamp.exists() and json.loads(stamp.read_text()).get("key") == key and \
+            DataDir(pre).has_split(HOLDOUT_SPLIT):
+        return pre
+    make_holdout(cfg, progress=progress, overwrite=True)
+    atomic_write_json(stamp, {"key": key, "profile": cfg.profile})
+    return pre
+
+
 # Keys added to a section after runs were cached under run_key: at these values they train exactly what the
 # code did before they existed, so they are left out of the key and a cached run keeps its folder.
 KEY_NEUTRAL: dict[str, dict[str, Any]] = {
     "train": {"schedule": "step", "warmup": 0, "grad_clip": 0.0, "ema": 0.0, "cosine_end": 1.0,
-              "lr_min": 0.0},
-    "model": {"max_box_mm": 0.0}}
+              "lr_min": 0.0, "channels_last_cpu": False, "val_subset": 0},
+    "model": {"max_box_mm": 0.0, "heads": 0},
+    "fe": {"sham": False, "mask_loss_weight": 0.0}}
 # train keys that never change the weights
 _TRAIN_FREE = ("workers", "log_every", "checkpoint_every", "device", "tensorboard")
 
@@ -98,7 +125,10 @@ def run_tag(cfg: Config) -> str:
     fe_tag = "nofe"
     if fe.enabled:
         fe_tag = f"{fe.variant}-{fe.placement}-{fe.schedule}"
-    return f"{m.backbone}-{m.size}-{m.priors}-{m.input.replace('.', '')}-{fe_tag}-s{cfg.train.seed}"
+        fe_tag += "-sham" if fe.sham else ""
+    fe_tag += "-mask" if fe.mask_loss_weight > 0 else ""
+    heads = f"-h{m.heads}" if m.heads else ""
+    return f"{m.backbone}-{m.size}-{m.priors}{heads}-{m.input.replace('.', '')}-{fe_tag}-s{cfg.train.seed}"
 
 
 @contextlib.contextmanager
@@ -137,17 +167,30 @@ def ensure_run(cfg: Config, *, data: str | Path | None = None, progress: bool = 
     return run_dir
 
 
+def _split_stamp(pre: Path, split: str) -> str:
+    """Hash of a split file: which slices (and boxes) cached detections were predicted on ("" without one)."""
+    path = DataDir(pre).split_path(split)
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.is_file() else ""
+
+
 def ensure_predictions(run_dir: Path, pre: Path, split: str = "test") -> list[dict]:
     """COCO-results detections of ``run_dir``'s model on the ``split`` of PRE folder ``pre`` (cached in the
-    run folder as ``dets_<split>.json``; concurrent callers wait for one another)."""
-    path = Path(run_dir) / f"dets_{split}.json"
-    if not path.exists():
+    run folder as ``dets_<split>.json``; concurrent callers wait for one another). The cache records the
+    split file it was predicted on (``dets_<split>.stamp``) and is predicted again when that file changed
+    (the hold-out cohort is rebuilt without retraining); a cache without a stamp is reused."""
+    path, stamp = Path(run_dir) / f"dets_{split}.json", Path(run_dir) / f"dets_{split}.stamp"
+
+    def fresh() -> bool:
+        return path.exists() and (not stamp.exists() or stamp.read_text() == _split_stamp(pre, split))
+
+    if not fresh():
         with _locked(Path(run_dir) / f".dets_{split}.lock"):
-            if not path.exists():
+            if not fresh():
                 model = load_model(run_dir)
                 cfg = load(Path(run_dir) / "config.yaml")
                 dets = predict(model, pre, split, input=cfg.model.input, batch_size=8)
                 atomic_write_json(path, dets, indent=None)
+                atomic_write_text(stamp, _split_stamp(pre, split))
     return json.loads(path.read_text())
 
 
