@@ -44,6 +44,14 @@ RECIPES: dict[str, list[str]] = {
     "default4k": ["train.iterations=4000", "train.lr=0.003", "train.schedule=cosine", "train.warmup=100",
                   "train.cosine_end=0.8", "train.lr_min=0.01", "train.grad_clip=10.0", "model.train_crop=128",
                   "model.max_box_mm=20.0"],
+    # issue #17: heads only on the three finest maps (priors 3.75/7.5/15 mm), the rest as "default" (2000 its)
+    "heads3": ["train.iterations=2000", "train.lr=0.003", "train.schedule=cosine", "train.warmup=100",
+               "train.cosine_end=0.8", "train.lr_min=0.01", "train.grad_clip=10.0", "model.train_crop=128",
+               "model.max_box_mm=20.0", "model.heads=3"],
+    # the default profile's recipe since issue #17: heads3 trained 3000 iterations
+    "heads3_3k": ["train.iterations=3000", "train.lr=0.003", "train.schedule=cosine", "train.warmup=100",
+                  "train.cosine_end=0.8", "train.lr_min=0.01", "train.grad_clip=10.0", "model.train_crop=128",
+                  "model.max_box_mm=20.0", "model.heads=3"],
     "cos128b8": ["train.iterations=2250", "train.batch_size=8", "train.lr=0.004", "train.schedule=cosine",
                  "train.warmup=100", "train.ema=0.997", "train.grad_clip=10.0", "model.train_crop=128"],
 }

@@ -234,9 +234,13 @@ def load_slice_objects(path: str | Path, gt: M.GroundTruth) -> M.SliceObjects:
 
 def evaluate(gt: M.GroundTruth, dets: M.Detections, *, match: str = "iou", iou: float = 0.5,
              radius_mm: float = 2.5, target: float = 0.9, objects: M.SliceObjects | None = None,
-             bootstrap: int = 0, seed: int = 0, ci: float = 0.95) -> dict[str, Any]:
+             bootstrap: int = 0, seed: int = 0, ci: float = 0.95, slice_mm: float | None = None,
+             lesion_threshold: float | None = None) -> dict[str, Any]:
     """Match, summarise and (``bootstrap > 0``) add patient-bootstrap CIs.
 
+    With ``slice_mm`` (the slice spacing, mm) the metrics get ``valdo``: VALDO's lesion metrics
+    (:func:`cmbfe.detect.lesion_metrics.valdo_metrics`, centres < 5 mm and < 3 mm) of the 3D detections at
+    ``lesion_threshold`` (default: the threshold of the per-lesion metrics, else all detections).
     Returns ``{"metrics": dict, "curve": metrics.Curve, "matching": metrics.Matching}``.
     """
     if match == "centre" and gt.n_gt and not np.isfinite(gt.image_spacing[gt.box_image]).all():
@@ -248,7 +252,35 @@ def evaluate(gt: M.GroundTruth, dets: M.Detections, *, match: str = "iou", iou: 
     if bootstrap > 0:
         out["bootstrap"] = stats.bootstrap_ci(stats.prepare(gt, dets, m), n=bootstrap, seed=seed, ci=ci,
                                               target=target)
+    if slice_mm is not None:
+        out["valdo"] = valdo_summary(gt, dets, slice_mm, lesion_threshold if lesion_threshold is not None
+                                     else out.get(f"threshold_at_sensitivity_{target:g}"))
     return {"metrics": out, "curve": c, "matching": m}
+
+
+def valdo_summary(gt: M.GroundTruth, dets: M.Detections, slice_mm: float, threshold: float | None
+                  ) -> dict[str, Any]:
+    """VALDO lesion metrics at ``threshold`` (None: all detections) at 5 and 3 mm, per-subject F1 listed."""
+    from cmbfe.valdo import lesion_centres_mm, valdo_metrics
+
+    keep = dets.scores >= threshold if threshold is not None else np.ones(len(dets.scores), bool)
+    subjects = lesion_centres_mm(gt, dets, keep, slice_mm)
+    out: dict[str, Any] = {"threshold": threshold, "slice_mm": slice_mm,
+                           "matching": "centres of mass, one-to-one"}
+    for d in (5.0, 3.0):
+        v = valdo_metrics(subjects, d)
+        t = v.pop("subjects")
+        out[f"{d:g}mm"] = v | {"f1_by_subject": dict(zip(t["subject"], t["f1"]))}
+    return out
+
+
+def _slice_mm(gt_obj: Any) -> float | None:
+    """The slice spacing (mm) the COCO images record (``slice_mm``; the median), or None (no VALDO
+    metrics)."""
+    vals = [im.get("slice_mm") for im in gt_obj.get("images", []) if isinstance(im, dict)] \
+        if isinstance(gt_obj, dict) else []
+    vals = [float(v) for v in vals if isinstance(v, (int, float)) and math.isfinite(v) and v > 0]
+    return float(np.median(vals)) if vals else None
 
 
 def _nan_to_none(x: Any) -> Any:
@@ -298,6 +330,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--objects", type=Path, default=None, help="slice_objects.csv for FP attribution")
     ap.add_argument("--bootstrap", type=int, default=None, help="bootstrap resamples (0: none)")
     ap.add_argument("--seed", type=int, default=None)
+    ap.add_argument("--lesion-threshold", type=float, default=None,
+                    help="score threshold of the VALDO lesion metrics (default: the per-lesion metrics')")
     args = ap.parse_args(argv)
     flags = {"match": args.match, "iou": args.iou, "radius_mm": args.radius_mm, "bootstrap": args.bootstrap,
              "seed": args.seed}  # the flags are eval.* overrides, checked with the profile at load
@@ -309,8 +343,9 @@ def main(argv: list[str] | None = None) -> int:
     gt = gt_from_coco(gt_obj, str(args.gt))
     dets = load_detections(args.dets, gt, _categories(gt_obj))
     objects = load_slice_objects(args.objects, gt) if args.objects else None
+    slice_mm = _slice_mm(gt_obj)
     res = evaluate(gt, dets, match=match, iou=iou, radius_mm=radius, objects=objects, bootstrap=n_boot,
-                   seed=seed, ci=cfg.ci)
+                   seed=seed, ci=cfg.ci, slice_mm=slice_mm, lesion_threshold=args.lesion_threshold)
     res["metrics"]["inputs"] = {"gt": str(args.gt), "dets": str(args.dets),
                                 "objects": str(args.objects) if args.objects else None}
     write_outputs(res, args.out)
@@ -319,4 +354,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{mt['n_patients']} patients: AP {mt['ap_voc']:.4f}, "
           f"P@S0.9 {mt['precision_at_sensitivity_0.9']:.4f}, "
           f"FROC mean {mt['froc_mean']:.4f} ({time.perf_counter() - t0:.2f} s) -> {args.out}")
+    if "valdo" in mt:
+        v = mt["valdo"]["5mm"]
+        print(f"evaluate: VALDO (centres < 5 mm): median F1 {v['median_f1']:.3f}, FP / subject "
+              f"{v['fp_per_subject']:.2f}, sensitivity {v['sensitivity']:.3f}, "
+              f"precision {v['precision']:.3f}")
     return 0

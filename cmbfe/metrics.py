@@ -291,13 +291,15 @@ def _overlap(a: np.ndarray, b: np.ndarray) -> np.ndarray:
             & (np.minimum(a[:, 3], b[:, 3]) > np.maximum(a[:, 1], b[:, 1])))
 
 
-def link_detections(gt: GroundTruth, dets: Detections, keep: np.ndarray) -> tuple[np.ndarray, int]:
+def link_detections(gt: GroundTruth, dets: Detections, keep: np.ndarray, *, same_slice: bool = True
+                    ) -> tuple[np.ndarray, int]:
     """Link kept slice detections into 3D detections.
 
-    Two detections are linked when they are in the same patient, their slice indices differ by exactly
-    1, and their boxes overlap (positive intersection) or either box's centre lies inside the other.
-    Linking is transitive (connected components). Returns (labels (D,) with -1 for dropped detections,
-    number of 3D detections).
+    Two detections are linked when they are in the same patient, their slice indices differ by at most
+    1 (the same slice too: nested or overlapping boxes of one focus that NMS kept are one lesion), and their
+    boxes overlap (positive intersection) or either box's centre lies inside the other.
+    Linking is transitive (connected components). ``same_slice=False``: adjacent slices only (the rule before
+    issue 20, for comparisons). Returns (labels (D,) with -1 for dropped detections, number of 3D detections).
     """
     idx = np.flatnonzero(keep)
     labels = np.full(len(dets.scores), -1, dtype=np.int64)
@@ -306,7 +308,9 @@ def link_detections(gt: GroundTruth, dets: Detections, keep: np.ndarray) -> tupl
     img = dets.image[idx]
     sl = gt.image_slice - gt.image_slice.min()  # >= 0, so keys of different patients never touch
     key = gt.image_patient[img] * (int(sl.max()) + 3) + sl[img] + 1
-    a, b = group_pairs(key + 1, key)
+    a1, b1 = group_pairs(key + 1, key)
+    a0, b0 = group_pairs(key, key) if same_slice else (np.zeros(0, np.int64),) * 2
+    a, b = np.concatenate([a1, a0[a0 < b0]]), np.concatenate([b1, b0[a0 < b0]])
     ba, bb = dets.boxes[idx[a]], dets.boxes[idx[b]]
     linked = _overlap(ba, bb) | _centre_in(ba, bb) | _centre_in(bb, ba)
     a, b = a[linked], b[linked]

@@ -8,7 +8,10 @@ A folder holds:
 - ``detect.json`` (:data:`META`, exported models only, format :data:`FORMAT`): name, operating threshold and
   the rule that chose it, test metrics, training-data geometry (``training_data.pixel_spacing_mm`` (dy, dx)
   mm, ``training_data.matrix`` px), provenance;
-- ``README.md`` (:data:`CARD`, exported models only): the model card.
+- ``README.md`` (:data:`CARD`, exported models only): the model card;
+- ``stage2.pt`` (:data:`STAGE2`, optional): the second stage's state dict (:mod:`cmbfe.detect.stage2`), its
+  settings and operating points in ``detect.json``'s ``stage2`` entry (:func:`write_stage2`,
+  :func:`read_stage2`).
 
 A training run folder (:func:`cmbfe.train.fit`) is a model folder with the first two files;
 :func:`cmbfe.detect.export.export_model` builds an exported one and writes it with :func:`write`.
@@ -36,6 +39,7 @@ WEIGHTS = "model.pt"
 CONFIG = "config.yaml"
 META = "detect.json"
 CARD = "README.md"
+STAGE2 = "stage2.pt"
 FORMAT = "cmbfe-detector/1"
 DEFAULT_DIR = C.REPO_ROOT / "models"  # where the study ships the committed profile's model
 
@@ -157,3 +161,25 @@ def json_safe(x: Any) -> Any:
     if isinstance(x, np.integer):
         return int(x)
     return x
+
+
+def write_stage2(folder: str | Path, state: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    """Add a second stage to an exported model folder: ``state`` as :data:`STAGE2` and ``meta`` as the
+    ``stage2`` entry of ``detect.json`` (each file replaced atomically; the weights first)."""
+    folder = Path(folder)
+    if not (folder / META).is_file():
+        raise InputError(f"{folder}: no {META}; a second stage goes into an exported model folder")
+    tmp = folder / f".{STAGE2}.tmp"
+    torch.save({k: v.detach().cpu().contiguous() for k, v in state.items()}, tmp)
+    tmp.replace(folder / STAGE2)
+    atomic_write_json(folder / META, json_safe(read_meta(folder) | {"stage2": meta}))
+
+
+def read_stage2(folder: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+    """``(state dict, detect.json's stage2 entry)`` of a model folder, or None when it has no second stage
+    (no :data:`STAGE2` or no ``stage2`` entry). InputError naming the file when the weights do not load."""
+    folder = Path(folder)
+    meta = read_meta(folder).get("stage2")
+    if not (folder / STAGE2).is_file() or not isinstance(meta, dict):
+        return None
+    return read_state(folder / STAGE2), meta

@@ -51,9 +51,12 @@ pre = study.ensure_data(cfg)
 run = study.ensure_run(cfg)
 # test- and validation-set detections are computed here (cached in the run folder), so that side-by-side
 # executions of this notebook share the inference cost; 05_evaluate reads them (val: choosing the shipped
-# model)
+# model; the hold-out cohort's detections likewise, for 05's table2_holdout)
 study.ensure_predictions(run, pre, "test")
 study.ensure_predictions(run, pre, "val")
+pre_holdout = study.ensure_holdout(cfg, progress=False)  # built by 01_data; None when holdout.patients is 0
+if pre_holdout is not None:
+    study.ensure_predictions(run, pre_holdout, "holdout")
 print("run:", run.relative_to(config.REPO_ROOT))
 print(json.dumps(json.loads((run / "model.json").read_text()), indent=1)[:1500])
 

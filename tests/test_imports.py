@@ -28,7 +28,7 @@ LAYERS: dict[str, int] = {
     # the configuration and the preprocessed-data folder
     "config": 1, "datadir": 1,
     # maths core
-    "volume": 2, "metrics": 2, "stats": 2, "fe": 2, "labels": 2, "priors": 2,
+    "volume": 2, "metrics": 2, "valdo": 2, "stats": 2, "fe": 2, "labels": 2, "priors": 2,
     # stages: readers and writers, synthesis, preprocessing, data, the model's parts, evaluation, plots
     "io": 3, "dicom_write": 3, "synth_anatomy": 3, "synth_physics": 3, "synth_lesions": 3, "synth": 3,
     "augment": 3, "preprocess": 3, "data": 3, "backbones": 3, "models": 3, "evaluate": 3, "viz": 3,
@@ -38,7 +38,7 @@ LAYERS: dict[str, int] = {
 }
 WINGS = {"detect": 5, "study": 6}  # every module of a wing sits on its layer
 ENTRY = {"cli": 7}  # the ``cmbfe`` command: dispatches to core stages and to both wings
-CORE = {"volume", "metrics", "stats", "fe", "labels", "priors"}  # the maths: no model, no data, no tool
+CORE = {"volume", "metrics", "valdo", "stats", "fe", "labels", "priors"}  # the maths: no model, no data, no tool
 ORCHESTRATION = {"train", "predict", "preprocess", "evaluate", "viz", "cli"}
 
 

@@ -332,3 +332,15 @@ def test_lesion_sensitivity_against_every_true_cmb():
     assert M.lesion_sensitivity_all(g, d, m, 0.95, n_true=2)["lesion_sensitivity_all"] == 0.0
     with pytest.raises(ValueError, match="boxed lesions"):
         M.lesion_sensitivity_all(g, d, m, None, n_true=1)
+
+
+def test_nested_boxes_on_one_slice_are_one_lesion():
+    # issue 20, defect 1: a small box nested in a larger one on the same slice (IoU under the NMS limit)
+    # is one focus; a separate box on that slice stays its own lesion
+    g, d = make({1: [], 2: []}, [(1, [40, 40, 12, 12], 0.9), (1, [44, 44, 3, 3], 0.5), (1, [150, 150, 6, 6], 0.4),
+                                 (2, [41, 41, 10, 10], 0.8)])
+    labels, n = M.link_detections(g, d, np.ones(4, bool))
+    assert n == 2 and labels[0] == labels[1] == labels[3] != labels[2]
+    # a kept box and a dropped box nested in it: the dropped one gets no label
+    labels, n = M.link_detections(g, d, np.array([True, False, True, True]))
+    assert n == 2 and labels[1] == -1

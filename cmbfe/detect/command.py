@@ -2,7 +2,8 @@
 
 Usage::
 
-    cmbfe detect INPUT --out DIR [--model M] [--threshold T] [--device D] [--overwrite] [--series UID]
+    cmbfe detect INPUT --out DIR [--model M] [--operating-point screening|balanced] [--threshold T]
+                 [--device D] [--overwrite] [--series UID]
 
 ``INPUT`` is a DICOM series folder (files directly in it, or in ``INPUT/dicom/``), a NIfTI file (any 3D
 SWI / T2* magnitude; VALDO names work), or a folder of patients (one sub-folder, NIfTI file or VALDO
@@ -12,7 +13,10 @@ scan, ``DIR`` (or ``DIR/<patient>/``) gets ``cmbs.csv``, ``cmbs_mask.nii.gz``, `
 in a temp sibling and renamed at the end, so a failed run leaves nothing.
 
 The model (:mod:`cmbfe.detect.detector`) is an exported model folder (default ``models/``) or a training
-run folder; the pipeline is :mod:`cmbfe.detect.pipeline`, the report :mod:`cmbfe.detect.report`.
+run folder; the pipeline is :mod:`cmbfe.detect.pipeline`, the report :mod:`cmbfe.detect.report`. A model
+folder with a second stage (:mod:`cmbfe.detect.stage2`) keeps the 3D candidates its classifier accepts at the
+operating point ``screening`` (lesion sensitivity >= 0.9 on the validation split) or ``balanced`` (best
+lesion F1 there; the default); ``--threshold T`` runs the detector alone at T instead.
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ COHORT_COLUMNS = ["patient", "input", "kind", "n_cmb", "slices_with_cmb", "max_s
 def run_detect(input_path: str | Path, out_dir: str | Path, *, model: str | Path | Detector | None = None,
                threshold: float | None = None, device: str = "auto", overwrite: bool = False,
                series_uid: str | None = None, on_bad_file: str = "fail", batch_size: int = 8,
-               report: bool = True, log: Any = None) -> dict[str, Any]:
+               report: bool = True, log: Any = None, operating_point: str | None = None) -> dict[str, Any]:
     """``cmbfe detect`` as a function: returns ``{"out", "cohort", "scans": [report.json dicts],
     "detector"}``.
 
@@ -62,7 +66,8 @@ def run_detect(input_path: str | Path, out_dir: str | Path, *, model: str | Path
     apply_thread_env()
     dev = resolve_device(device)
     t0 = time.perf_counter()
-    det = model if isinstance(model, Detector) else load_detector(model, threshold=threshold, device=dev)
+    det = model if isinstance(model, Detector) else load_detector(model, threshold=threshold, device=dev,
+                                                                  operating_point=operating_point)
     if isinstance(model, Detector) and threshold is not None:
         det.threshold, det.threshold_source = float(threshold), "--threshold"
     load_s = round(time.perf_counter() - t0, 3)
@@ -87,12 +92,19 @@ def run_detect(input_path: str | Path, out_dir: str | Path, *, model: str | Path
                          "threshold": det.threshold, "seconds": round(time.perf_counter() - ts, 2),
                          "report": f"{scan.name}/report.html" if cohort else "report.html"})
             if log is not None:
-                log(f"{scan.name}: {len(res.lesions)} CMB(s) at threshold {det.threshold:.3g} "
+                log(f"{scan.name}: {len(res.lesions)} CMB(s) at {_rule(det)} "
                     f"({time.perf_counter() - ts:.1f} s)")
         if cohort:
             table = pd.DataFrame(rows, columns=COHORT_COLUMNS)
             atomic_write_text(tmp / "cohort.csv", table.to_csv(index=False))
     return {"out": out, "cohort": cohort, "scans": results, "detector": det}
+
+
+def _rule(det: Detector) -> str:
+    if det.stage2 is not None:
+        thr = det.stage2.threshold(det.operating_point)
+        return f"operating point {det.operating_point} (second stage >= {thr:.3g})"
+    return f"threshold {det.threshold:.3g}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -103,7 +115,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True, type=Path, help="report folder to create")
     ap.add_argument("--model", type=Path, default=None,
                     help="exported model folder or training run folder (default: models/)")
-    ap.add_argument("--threshold", type=float, default=None, help="score threshold (default: the model's)")
+    ap.add_argument("--operating-point", choices=("screening", "balanced"), default=None,
+                    help="second stage: screening (sensitivity >= 0.9 on val) or balanced (best F1 on val; "
+                         "default)")
+    ap.add_argument("--threshold", type=float, default=None,
+                    help="run the detector alone at this score threshold (default: the model's second stage, "
+                         "or its stored threshold)")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     ap.add_argument("--series", default=None, metavar="UID",
@@ -119,12 +136,14 @@ def main(argv: list[str] | None = None) -> int:
         r = run_detect(args.input, args.out, model=args.model, threshold=args.threshold, device=args.device,
                        overwrite=args.overwrite, series_uid=args.series, on_bad_file=args.on_bad_file,
                        batch_size=args.batch_size, report=not args.no_report,
+                       operating_point=args.operating_point,
                        log=lambda s: print(f"cmbfe detect: {s}", flush=True))
     n = sum(s["counts"]["cmbs"] for s in r["scans"])
     det: Detector = r["detector"]
     src = {"model": "the model's", "--threshold": "--threshold", "fallback": "fallback"}[det.threshold_source]
-    print(f"cmbfe detect: {len(r['scans'])} scan(s), {n} CMB(s), model {det.name}, "
-          f"threshold {det.threshold:.3g} ({src}), in {time.perf_counter() - t0:.1f} s -> {r['out']}")
+    how = _rule(det) if det.stage2 is not None else f"threshold {det.threshold:.3g} ({src})"
+    print(f"cmbfe detect: {len(r['scans'])} scan(s), {n} CMB(s), model {det.name}, {how}, "
+          f"in {time.perf_counter() - t0:.1f} s -> {r['out']}")
     return 0
 
 

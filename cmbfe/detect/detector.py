@@ -1,5 +1,6 @@
 """The detector ``cmbfe detect`` runs: a model folder (:mod:`cmbfe.modelfolder`) loaded with its operating
-threshold and the geometry of its training slices."""
+threshold and the geometry of its training slices, and its second stage when the folder has one
+(:mod:`cmbfe.detect.stage2`)."""
 
 from __future__ import annotations
 
@@ -31,6 +32,8 @@ class Detector:
     pixel_spacing_mm: tuple[float, float] | None = None  # (dy, dx) of the training slices
     matrix: int | None = None  # side of the (square) training slices in px
     card: str = ""  # the model card (README.md) text of an exported model
+    stage2: Any = None  # cmbfe.detect.stage2.Stage2, or None: the detector alone at ``threshold``
+    operating_point: str | None = None  # the second stage's operating point in use (None without one)
 
     @property
     def name(self) -> str:
@@ -47,13 +50,16 @@ def _training_geometry(cfg: C.Config) -> tuple[tuple[float, float] | None, int |
 
 
 def load_detector(path: str | Path | None = None, *, threshold: float | None = None,
-                  device: torch.device | str = "cpu") -> Detector:
+                  device: torch.device | str = "cpu", operating_point: str | None = None) -> Detector:
     """Load an exported model (``models/``: ``model.pt``, ``config.yaml``, ``detect.json``, ``README.md``) or
     any training run folder (``config.yaml`` + ``model.pt``; a ``.pt`` file stands for its folder) with
     :func:`cmbfe.modelfolder.load`.
 
     ``threshold`` overrides the stored one; a run folder without one uses 0.5 (``threshold_source``
-    ``fallback``, the report says so). Errors (InputError / ConfigError, one line): missing files, weights
+    ``fallback``, the report says so). A folder with a second stage (``stage2.pt``) keeps the candidates
+    whose second-stage probability reaches ``operating_point`` (``screening`` | ``balanced``; default the
+    stored default); ``threshold`` given, the detector runs alone at that threshold (as without a second
+    stage). Errors (InputError / ConfigError, one line): missing files, weights
     that do not load, weights that do not match the config.
     """
     hint = (" (no model is shipped until `make reproduce` exports one; pass --model RUN_FOLDER)"
@@ -71,4 +77,13 @@ def load_detector(path: str | Path | None = None, *, threshold: float | None = N
         thr, src = float(mf.meta["threshold"]), "model"
     else:
         thr, src = FALLBACK_THRESHOLD, "fallback"
-    return Detector(mf.model, mf.cfg, thr, src, mf.meta, mf.path, spacing, matrix, mf.card)
+    from cmbfe.detect.stage2 import OPERATING_POINTS, load_stage2
+
+    if operating_point is not None and operating_point not in OPERATING_POINTS:
+        raise ConfigError(f"--operating-point must be one of {', '.join(OPERATING_POINTS)}, "
+                          f"got {operating_point}")
+    st = load_stage2(mf.path) if threshold is None else None
+    if st is None and operating_point is not None:
+        raise InputError(f"{mf.path}: --operating-point needs a model folder with a second stage (stage2.pt)")
+    op = (operating_point or st.meta.get("default_operating_point", "balanced")) if st is not None else None
+    return Detector(mf.model, mf.cfg, thr, src, mf.meta, mf.path, spacing, matrix, mf.card, st, op)

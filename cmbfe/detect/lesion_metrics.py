@@ -7,6 +7,8 @@ lesion list against a synthetic patient's ground truth.
   of :func:`cmbfe.metrics.match`).
 - :func:`per_patient` and :func:`with_ci`: CMBs found and false-positive 3D detections per patient, and the
   lesion sensitivity / FP per scan with patient-bootstrap CIs.
+- :func:`valdo_metrics`, :func:`match_centres`, :func:`lesion_centres_mm` (from the core :mod:`cmbfe.valdo`,
+  which ``cmbfe evaluate`` uses too): the VALDO 2021 protocol's per-subject lesion metrics.
 - :func:`compare_with_truth`: a ``cmbs.csv`` against a synthetic patient's ``lesions.csv``/``mimics.csv``
   (hits, misses, false positives by the mimic they fall on).
 """
@@ -20,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from cmbfe import metrics as M
+from cmbfe.valdo import lesion_centres_mm, match_centres, valdo_metrics  # noqa: F401 - re-exported
 
 
 # ------------------------------------------------------------------------------------ lesion-level numbers

@@ -16,7 +16,7 @@ import numpy as np
 from cmbfe.cocoresults import coco_results, write_coco_results
 from cmbfe.detect.detector import Detector
 from cmbfe.detect.pipeline import ScanResult
-from cmbfe.detect.report import RESEARCH_ONLY, render_report
+from cmbfe.detect.report import RESEARCH_ONLY, burden_bin, render_report
 from cmbfe.detect.scans import Grid
 from cmbfe.runtime import package_versions
 from cmbfe.utils import atomic_write_json, atomic_write_text
@@ -24,24 +24,45 @@ from cmbfe.utils import atomic_write_json, atomic_write_text
 OUTPUTS = ("cmbs.csv", "cmbs_mask.nii.gz", "detections.json", "report.json", "report.pdf", "report.html")
 
 
+def _ellipse(box: np.ndarray, ny: int, nx: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(rows, cols)`` of the pixels in a box's inscribed ellipse, the pixel holding its centre first."""
+    x0, y0, x1, y1 = box
+    cx, cy, rx, ry = (x0 + x1) / 2, (y0 + y1) / 2, max((x1 - x0) / 2, 1e-3), max((y1 - y0) / 2, 1e-3)
+    i0, i1 = max(int(np.floor(x0)), 0), min(int(np.ceil(x1)), nx)
+    j0, j1 = max(int(np.floor(y0)), 0), min(int(np.ceil(y1)), ny)
+    jj, ii = np.mgrid[j0:j1, i0:i1]
+    inside = ((ii + 0.5 - cx) / rx) ** 2 + ((jj + 0.5 - cy) / ry) ** 2 <= 1.0
+    cj, ci = min(max(int(cy), 0), ny - 1), min(max(int(cx), 0), nx - 1)
+    return np.append(cj, jj[inside]), np.append(ci, ii[inside])
+
+
 def label_image(shape: tuple[int, int, int], boxes: np.ndarray, slices: np.ndarray, ids: np.ndarray,
                 lesions: list[dict]) -> np.ndarray:
     """``[slice, row, col]`` uint16 label image: each lesion's member boxes as filled ellipses (the box's
-    inscribed ellipse; at least the pixel holding its centre), lesion id as value; a higher-scoring lesion
-    is drawn last (wins overlaps)."""
+    inscribed ellipse; at least the pixel holding its centre), lesion id as value.
+
+    Overlaps go to the higher-scoring lesion, but every lesion keeps at least one voxel: a lesion that the
+    others cover completely takes back one of its pixels from a lesion that has more than one (so every row
+    of ``cmbs.csv`` has a label in the mask)."""
     lab = np.zeros(shape, np.uint16)
     _, ny, nx = shape
-    for les in sorted(lesions, key=lambda d: d["max_score"]):
-        for d in les["members"]:
-            x0, y0, x1, y1 = boxes[d]
-            k = int(slices[d])
-            cx, cy, rx, ry = (x0 + x1) / 2, (y0 + y1) / 2, max((x1 - x0) / 2, 1e-3), max((y1 - y0) / 2, 1e-3)
-            i0, i1 = max(int(np.floor(x0)), 0), min(int(np.ceil(x1)), nx)
-            j0, j1 = max(int(np.floor(y0)), 0), min(int(np.ceil(y1)), ny)
-            jj, ii = np.mgrid[j0:j1, i0:i1]
-            inside = ((ii + 0.5 - cx) / rx) ** 2 + ((jj + 0.5 - cy) / ry) ** 2 <= 1.0
-            lab[k, j0:j1, i0:i1][inside] = les["lesion_id"]
-            lab[k, min(max(int(cy), 0), ny - 1), min(max(int(cx), 0), nx - 1)] = les["lesion_id"]
+    pixels = {}
+    for les in sorted(lesions, key=lambda d: -d["max_score"]):  # best first, never painting over
+        pix = [(np.full(len(r), int(slices[d])), r, c) for d in les["members"]
+               for r, c in [_ellipse(boxes[d], ny, nx)]]
+        k, r, c = (np.concatenate(v) for v in zip(*pix)) if pix else (np.zeros(0, int),) * 3
+        pixels[les["lesion_id"]] = (k, r, c)
+        free = lab[k, r, c] == 0
+        lab[k[free], r[free], c[free]] = les["lesion_id"]
+    counts = np.bincount(lab.ravel(), minlength=max((d["lesion_id"] for d in lesions), default=0) + 1)
+    for lid, (k, r, c) in pixels.items():
+        if counts[lid] or not len(k):
+            continue
+        owners = lab[k, r, c].astype(np.int64)
+        take = int(np.argmax(counts[owners] > 1)) if (counts[owners] > 1).any() else 0
+        counts[owners[take]] -= 1
+        lab[k[take], r[take], c[take]] = lid
+        counts[lid] = 1
     return lab
 
 
@@ -93,16 +114,20 @@ def write_scan_outputs(res: ScanResult, det: Detector, out: Path, *, input_path:
                  "spacing_mm_kji": [round(v, 6) for v in vol.spacing_mm],
                  "affine_lps": np.round(vol.affine, 6).tolist(), "input_grid_shape": list(res.grid.shape),
                  "input_affine_ras": np.round(res.grid.affine_ras, 6).tolist()},
-        "counts": {"cmbs": len(res.lesions), "slices_with_cmb": len(np.unique(res.slices[kept])),
+        "counts": {"cmbs": len(res.lesions), "burden_bin": burden_bin(len(res.lesions)),
+                   "slices_with_cmb": len(np.unique(res.slices[kept])),
                    "slice_detections_kept": int(kept.sum()), "slice_detections_all": len(res.scores),
                    "slices_inferred": res.info["slices_inferred"], "slices_total": res.info["slices_total"]},
         "threshold": res.threshold, "threshold_source": det.threshold_source,
         "model": model_summary(det), "preprocessing": {
             "n4_iterations": list(det.cfg.preprocess.n4_iterations),
             "n4_shrink": det.cfg.preprocess.n4_shrink,
-            "clip_percentiles": list(det.cfg.preprocess.clip_percentiles), **res.info},
+            "clip_percentiles": list(det.cfg.preprocess.clip_percentiles),
+            **{k: v for k, v in res.info.items() if k != "stage2"}},
+        "second_stage": res.info.get("stage2"),
         "detections_json": "COCO results: image_id = slice_index + 1 (axial slice k), bbox xywh px, every "
-                           "detection of the model; lesion_id 0 = below the threshold",
+                           "detection of the model; lesion_id 0 = not kept (below the threshold, or a "
+                           "candidate the second stage dropped)",
         "coordinates": "i, j, k: voxel of the input grid (= cmbs_mask.nii.gz); LPS = DICOM patient mm; "
                        "RAS = NIfTI scanner mm",
         "timings_s": timings, "versions": package_versions(), "outputs": list(OUTPUTS),

@@ -5,7 +5,9 @@ the model's ``preprocess`` settings), in-plane resampling to the model's trainin
 differs by > 2 % (and square ``matrix`` tiles, padded, so the network input spans what it spanned in
 training), batched inference on every head slice (``gray3`` or ``2.5d`` as the model was trained), 3D merging
 of the slice detections kept at the threshold by :func:`cmbfe.metrics.link_detections` (the linking of the
-per-lesion metrics), and the lesion table (:data:`CSV_COLUMNS`).
+per-lesion metrics), and the lesion table (:data:`CSV_COLUMNS`). With a second stage
+(:mod:`cmbfe.detect.stage2`) the detections are linked at its low candidate threshold and a candidate is kept
+when its second-stage probability reaches the operating point's threshold (:func:`apply_stage2`).
 
 Coordinates: ``i, j, k`` in the lesion table are voxel indices of the input's own grid (NIfTI voxel axes; for
 DICOM: column, row and slice sorted along the slice normal), the grid of ``cmbs_mask.nii.gz``;
@@ -33,7 +35,8 @@ from cmbfe.volume import Volume
 
 RESAMPLE_TOLERANCE = 0.02  # in-plane pixel within 2 % of the training pixel: no resampling
 CSV_COLUMNS = ["lesion_id", "i", "j", "k", "x_lps_mm", "y_lps_mm", "z_lps_mm", "x_ras_mm", "y_ras_mm",
-               "z_ras_mm", "slice_first", "slice_last", "n_slices", "diameter_mm", "max_score"]
+               "z_ras_mm", "slice_first", "slice_last", "n_slices", "diameter_mm", "max_score",
+               "stage2_score"]
 
 
 # ------------------------------------------------------------------------------------------ preprocessing
@@ -123,9 +126,10 @@ def infer(det: Detector, u8: np.ndarray, slices: list[int], spacing_yx: tuple[fl
 
 # ------------------------------------------------------------------------------------------ 3D lesions
 def merge_lesions(boxes: np.ndarray, slices: np.ndarray, scores: np.ndarray, keep: np.ndarray, nz: int,
-                  spacing_mm: tuple[float, float, float]) -> tuple[np.ndarray, list[dict]]:
-    """Link kept slice detections into 3D lesions (:func:`cmbfe.metrics.link_detections`: adjacent slices,
-    overlapping boxes or a centre inside the other box, transitively).
+                  spacing_mm: tuple[float, float, float], *, same_slice: bool = True
+                  ) -> tuple[np.ndarray, list[dict]]:
+    """Link kept slice detections into 3D lesions (:func:`cmbfe.metrics.link_detections`: the same or
+    adjacent slices, overlapping boxes or a centre inside the other box, transitively).
 
     Returns per-detection lesion ids (1 = highest max score; 0 = not kept) and the lesions: centre (voxel
     of the reoriented volume: box-area-weighted mean of the member boxes' centres), first/last slice,
@@ -138,7 +142,7 @@ def merge_lesions(boxes: np.ndarray, slices: np.ndarray, scores: np.ndarray, kee
                        box_lesion=np.zeros(0, np.int64), n_lesions=0)
     dets = M.Detections(boxes=np.asarray(boxes, float).reshape(-1, 4), image=np.asarray(slices, np.int64),
                         scores=np.asarray(scores, float))
-    comp, n = M.link_detections(gt, dets, np.asarray(keep, bool))
+    comp, n = M.link_detections(gt, dets, np.asarray(keep, bool), same_slice=same_slice)
     groups = [np.flatnonzero(comp == c) for c in range(n)]
     groups.sort(key=lambda g: (-float(dets.scores[g].max()), int(dets.image[g].min()),
                                float(dets.boxes[g, 0].min())))
@@ -168,7 +172,8 @@ def lesion_table(lesions: list[dict], vol: Volume, grid: Grid) -> pd.DataFrame:
         vox = to_input @ ijk
         rows.append([les["lesion_id"], *np.round(vox[:3], 2), *np.round(lps[:3], 2),
                      *np.round((FLIP @ lps)[:3], 2), les["slice_first"], les["slice_last"], les["n_slices"],
-                     round(les["diameter_mm"], 2), round(les["max_score"], 4)])
+                     round(les["diameter_mm"], 2), round(les["max_score"], 4),
+                     round(les["stage2_score"], 4) if les.get("stage2_score") is not None else None])
     return pd.DataFrame(rows, columns=CSV_COLUMNS)
 
 
@@ -204,11 +209,42 @@ def detect_scan(scan: Scan, det: Detector, *, series_uid: str | None = None, on_
     slices = [int(k) for k in np.flatnonzero(brain)]
     boxes, ks, scores, info = infer(det, u8, slices, (dy, dx), batch_size=batch_size, device=device)
     t.append(time.perf_counter())
-    keep = scores >= det.threshold
+    st = det.stage2
+    keep = scores >= (st.candidate_threshold if st is not None else det.threshold)
     lesion_of, lesions = merge_lesions(boxes, ks, scores, keep, vol.shape[0], vol.spacing_mm)
-    table = lesion_table(lesions, vol, grid)
     t.append(time.perf_counter())
-    timings = {name: round(b - a, 3) for name, a, b in zip(("read", "n4", "inference", "merge"), t, t[1:])}
+    names = ["read", "n4", "inference", "merge"]
+    if st is not None:
+        lesion_of, lesions, info["stage2"] = apply_stage2(det, u8, ks, scores, lesion_of, lesions)
+        t.append(time.perf_counter())
+        names.append("stage2")
+    table = lesion_table(lesions, vol, grid)
+    t[-1] = time.perf_counter()
+    timings = {name: round(b - a, 3) for name, a, b in zip(names, t, t[1:])}
     info |= {"slices_inferred": len(slices), "slices_total": vol.shape[0]}
     return ScanResult(scan, vol, grid, u8, boxes, ks, scores, lesion_of, lesions, table, det.threshold,
                       timings, info)
+
+
+def apply_stage2(det: Detector, u8: np.ndarray, slices: np.ndarray, scores: np.ndarray, lesion_of: np.ndarray,
+                 candidates: list[dict]) -> tuple[np.ndarray, list[dict], dict[str, Any]]:
+    """Keep the candidates whose second-stage probability reaches the operating point's threshold.
+
+    Returns per-detection lesion ids (1 = highest probability; 0 = not kept), the kept lesions (with
+    ``stage2_score``) and a record (operating point, thresholds, candidates scored)."""
+    from cmbfe.detect.stage2 import score_candidates
+
+    st, op = det.stage2, det.operating_point or "balanced"
+    thr = st.threshold(op)
+    prob = score_candidates(st, u8, scores, slices, candidates)
+    order = [n for n in np.argsort(-prob, kind="stable") if prob[n] >= thr]
+    ids = np.zeros(len(lesion_of), np.int64)
+    kept = []
+    for lid, n in enumerate(order, start=1):
+        les = dict(candidates[n], lesion_id=lid, stage2_score=float(prob[n]))
+        ids[np.asarray(les["members"], np.int64)] = lid
+        kept.append(les)
+    rec = {"operating_point": op, "threshold": thr, "candidate_threshold": st.candidate_threshold,
+           "candidates": len(candidates), "kept": len(kept),
+           "rule": st.meta["operating_points"][op].get("rule")}
+    return ids, kept, rec

@@ -1,9 +1,11 @@
 """The per-scan report of ``cmbfe detect``: ``report.pdf`` (matplotlib ``PdfPages``) and a self-contained
 ``report.html`` (the same pages as base64 PNGs, the lesion table as HTML, the model card as text).
 
-Pages: a summary (CMB count, threshold and where it comes from, the model and its card's key facts, a
-projection of all lesion centres on axial and coronal mean-intensity projections, the lesion table), then
-axial tiles of every slice with a kept detection (box, lesion id and score), 20 per page.
+Pages: a summary (the burden: CMB count and its bin, :func:`burden_bin`; the operating point or threshold and
+where it comes from, the model and its card's key facts, time per stage, a projection of all lesion centres
+on axial and coronal mean-intensity projections, the lesion table), then an axial crop (thumbnail) around
+each lesion (:func:`lesion_pages`, 30 per page), then axial tiles of every slice with a kept detection
+(box, lesion id and score), 20 per page.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any
 import numpy as np
 from matplotlib.collections import LineCollection
 from matplotlib.figure import Figure
+from matplotlib.patches import Circle
 
 from cmbfe.detect.detector import Detector
 from cmbfe.detect.pipeline import ScanResult
@@ -29,6 +32,17 @@ BOX = "#ff3030"
 PNG_DPI = 100
 LABELS = 8  # score labels per tile (the highest scores; every kept box is drawn)
 CROP_PX = 96  # tiles show at least this many pixels around the slice's detections
+THUMB = (6, 5)  # lesion thumbnails: columns, rows per page
+THUMB_MM = 30.0  # side of a lesion thumbnail
+BINS = ((0, 0, "0"), (1, 4, "1-4"), (5, 9, "5-9"), (10, None, ">= 10"))
+
+
+def burden_bin(n: int) -> str:
+    """The CMB count's bin: ``0``, ``1-4``, ``5-9`` or ``>= 10`` (the MARS / ARIA-H convention)."""
+    for lo, hi, name in BINS:
+        if n >= lo and (hi is None or n <= hi):
+            return name
+    raise ValueError(f"CMB count must be >= 0, got {n}")
 
 
 def _lines(res: ScanResult, det: Detector, summary: dict[str, Any]) -> list[str]:
@@ -38,14 +52,21 @@ def _lines(res: ScanResult, det: Detector, summary: dict[str, Any]) -> list[str]
     src = {"model": "stored with the model", "--threshold": "set with --threshold",
            "fallback": "fallback: the model stores none"}[det.threshold_source]
     rule = det.meta.get("threshold_rule") or {}
-    out = [(f"Scan: {res.scan.name} ({res.scan.kind}, {nx} x {ny} x {nz} voxels, "
+    out = [f"Burden: {c['cmbs']} CMB(s), bin {burden_bin(c['cmbs'])} (bins 0, 1-4, 5-9, >= 10)",
+           (f"Scan: {res.scan.name} ({res.scan.kind}, {nx} x {ny} x {nz} voxels, "
             f"{dx:.3g} x {dy:.3g} x {dz:.3g} mm)"),
            (f"CMBs detected: {c['cmbs']} (on {c['slices_with_cmb']} slices; {c['slice_detections_kept']} "
             f"slice detections kept of {c['slice_detections_all']}; {c['slices_inferred']} of "
-            f"{c['slices_total']} slices inside the head searched)"),
-           f"Threshold: {res.threshold:.4g} ({src})"]
-    if rule.get("text"):
-        out.append(f"  {rule['text']}")
+            f"{c['slices_total']} slices inside the head searched)")]
+    st = summary.get("second_stage")
+    if st:
+        out.append(f"Operating point: {st['operating_point']} ({st['rule']}): second-stage probability >= "
+                   f"{st['threshold']:.3g} on {st['candidates']} candidates (detector score >= "
+                   f"{st['candidate_threshold']:g}); {st['kept']} kept")
+    else:
+        out.append(f"Threshold: {res.threshold:.4g} ({src}; detector alone, no second stage)")
+        if rule.get("text"):
+            out.append(f"  {rule['text']}")
     out.append(f"Model: {det.name}: {summary['model']['architecture']}"
                + (", trained with FE" if det.cfg.fe.enabled else ""))
     out += [f"  {s}" for s in det.meta.get("card_summary", [])]
@@ -56,7 +77,7 @@ def _lines(res: ScanResult, det: Detector, summary: dict[str, Any]) -> list[str]
     if summary.get("warning"):
         out.append(f"WARNING: {summary['warning']}")
     t = summary["timings_s"]
-    out.append("Time: " + ", ".join(f"{k} {v:.1f} s" for k, v in t.items() if k != "total"))
+    out.append("Time per stage: " + ", ".join(f"{k} {v:.1f} s" for k, v in t.items() if k != "total"))
     return out
 
 
@@ -110,7 +131,7 @@ def summary_page(res: ScanResult, det: Detector, summary: dict[str, Any]) -> Fig
     if len(tab) > 30:
         fig.text(0.05, y - 0.0125, f"... {len(tab) - 30} more in cmbs.csv", fontsize=6.5)
     if not len(tab):
-        fig.text(0.05, y - 0.0125, "no CMB detected at this threshold", fontsize=8)
+        fig.text(0.05, y - 0.0125, "no CMB detected at this operating point", fontsize=8)
     return fig
 
 
@@ -162,6 +183,41 @@ def tile_pages(res: ScanResult) -> list[Figure]:
     return pages
 
 
+def lesion_pages(res: ScanResult) -> list[Figure]:
+    """An axial crop (:data:`THUMB_MM` square) of the 8-bit volume around each lesion's centre, on its
+    centre slice, with a circle of the lesion's diameter; lesion id, score (second stage when present)."""
+    per = THUMB[0] * THUMB[1]
+    _dz, dy, dx = res.vol.spacing_mm
+    nz, ny, nx = res.u8.shape
+    hy, hx = round(THUMB_MM / 2 / dy), round(THUMB_MM / 2 / dx)
+    pages = []
+    for p in range(0, len(res.lesions), per):
+        fig = Figure(figsize=A4)
+        fig.text(0.05, 0.97, f"{res.scan.name}: each CMB ({p + 1}-{min(p + per, len(res.lesions))} of "
+                             f"{len(res.lesions)}), axial {THUMB_MM:g} mm crops on its centre slice",
+                 fontsize=9)
+        for n, les in enumerate(res.lesions[p:p + per]):
+            c, r = n % THUMB[0], n // THUMB[0]
+            ax = fig.add_axes((0.03 + c * 0.16, 0.95 - (r + 1) * 0.185, 0.15, 0.165))
+            ci, cj, ck = les["centre_vox"]
+            k, j, i = int(np.clip(round(ck), 0, nz - 1)), round(cj), round(ci)
+            tile = np.zeros((2 * hy + 1, 2 * hx + 1), np.uint8)
+            ys, xs = slice(max(j - hy, 0), min(j + hy + 1, ny)), slice(max(i - hx, 0), min(i + hx + 1, nx))
+            oy, ox = ys.start - (j - hy), xs.start - (i - hx)
+            tile[oy:oy + ys.stop - ys.start, ox:ox + xs.stop - xs.start] = res.u8[k, ys, xs]
+            ax.imshow(tile, cmap="gray", vmin=0, vmax=255, interpolation="nearest", aspect=dy / dx)
+            rad = max(les["diameter_mm"] / 2 / dx, 1.5) + 1.5
+            ax.add_patch(Circle(
+                (ci - i + hx, cj - j + hy), rad, fill=False, ec=BOX, lw=0.8))
+            score = les.get("stage2_score")
+            ax.set_title(f"#{les['lesion_id']} slice {k} " + (f"p {score:.2f}" if score is not None
+                                                                else f"score {les['max_score']:.2f}"),
+                         fontsize=6, pad=2)
+            ax.set_axis_off()
+        pages.append(fig)
+    return pages
+
+
 def _png(fig: Figure) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=PNG_DPI)
@@ -199,7 +255,7 @@ def render_report(res: ScanResult, det: Detector, out: Path, summary: dict[str, 
     """Write ``report.pdf`` and ``report.html`` for one scan into ``out``."""
     from matplotlib.backends.backend_pdf import PdfPages
 
-    figs = [summary_page(res, det, summary), *tile_pages(res)]
+    figs = [summary_page(res, det, summary), *lesion_pages(res), *tile_pages(res)]
     pdf = Path(out) / "report.pdf"
     meta = {"Title": f"cmbfe detect: {res.scan.name}", "Creator": "cmbfe detect", "Subject": "CMB report"}
     with PdfPages(pdf, metadata=meta) as pp:

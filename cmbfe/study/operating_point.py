@@ -15,8 +15,9 @@ Rules (the paper does not state its own): ``iou`` (a detection hits a GT box wit
   3D detection with no hit member is a false positive. Precision = TP 3D detections / 3D detections; FP/CMB =
   false-positive 3D detections / 3D CMBs.
 
-A rule and level whose detections never reach 90 % (at any threshold) says so in its cells, with the maximum
-sensitivity reached, instead of a precision of 0.
+The lesion rows of :func:`points` also carry VALDO's median per-subject F1 (centres < 5 mm and < 3 mm) at
+the lesion operating point. A rule and level whose detections never reach 90 % (at any threshold) says so in
+its cells, with the maximum sensitivity reached, instead of a precision of 0.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from cmbfe import stats
 from cmbfe.config import Config
 from cmbfe.detect.lesion_metrics import lesion_threshold
 from cmbfe.study import paper
+from cmbfe.valdo import lesion_centres_mm, valdo_metrics
 
 RULES = ("iou", "centre")
 LEVELS = {"slice": "slice boxes", "lesion": "3D lesions"}
@@ -73,9 +75,10 @@ def slice_point(gt: M.GroundTruth, dets: M.Detections, m: M.Matching,
 
 
 def lesion_point(gt: M.GroundTruth, dets: M.Detections, m: M.Matching, *, rule: str, iou: float,
-                 radius_mm: float, target: float = 0.9) -> dict[str, Any]:
+                 radius_mm: float, target: float = 0.9, slice_mm: float | None = None) -> dict[str, Any]:
     """3D-lesion operating point (module docstring), the same keys as :func:`slice_point`; ``m`` must be the
-    matching of ``rule``."""
+    matching of ``rule``. With ``slice_mm`` (mm between slices) also VALDO's median per-subject F1 at that
+    threshold (``valdo_median_f1_5mm``, ``valdo_median_f1_3mm``; :func:`cmbfe.valdo.valdo_metrics`)."""
     if gt.n_lesions == 0 or len(dets.scores) == 0:
         return {"reached": False, "max_sensitivity": 0.0}
     lt = lesion_threshold(gt, dets, target=target, rule=rule, radius_mm=radius_mm, iou=iou)
@@ -84,10 +87,14 @@ def lesion_point(gt: M.GroundTruth, dets: M.Detections, m: M.Matching, *, rule: 
     les = M.lesion_metrics(gt, dets, m, lt["threshold"])
     n3d = les["n_3d_detections"]
     max_sens = float(M.lesion_metrics(gt, dets, m, None)["lesion_sensitivity"])
-    return {"reached": True, "max_sensitivity": max_sens,
-            "sensitivity": float(les["lesion_sensitivity"]),
-            "precision": float((n3d - les["lesion_fp"]) / n3d) if n3d else 0.0,
-            "fp_per_cmb": float(les["lesion_fp"] / gt.n_lesions)}
+    out = {"reached": True, "max_sensitivity": max_sens,
+           "sensitivity": float(les["lesion_sensitivity"]),
+           "precision": float((n3d - les["lesion_fp"]) / n3d) if n3d else 0.0,
+           "fp_per_cmb": float(les["lesion_fp"] / gt.n_lesions)}
+    if slice_mm is not None:
+        subj = lesion_centres_mm(gt, dets, dets.scores >= lt["threshold"], slice_mm)
+        out |= {f"valdo_median_f1_{d:g}mm": valdo_metrics(subj, d)["median_f1"] for d in (5.0, 3.0)}
+    return out
 
 
 def _small_share(r: dict[str, Any], m: M.Matching) -> tuple[float, float]:
@@ -111,7 +118,8 @@ def points(cfg: Config, ev: dict, target: float = 0.9) -> pd.DataFrame:
                     for level in LEVELS:
                         p = (slice_point(r["gt"], r["dets"], m, target) if level == "slice" else
                              lesion_point(r["gt"], r["dets"], m, rule=rule, iou=cfg.eval.iou,
-                                          radius_mm=cfg.eval.radius_mm, target=target))
+                                          radius_mm=cfg.eval.radius_mm, target=target,
+                                          slice_mm=cfg.synth.slice_mm))
                         rows.append({"size": size, "fe": fe, "seed": s, "rule": rule, "level": level,
                                      "small": small, "large": large, **p})
     return pd.DataFrame(rows)

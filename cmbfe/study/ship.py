@@ -4,6 +4,8 @@
 - :func:`ship_model`: the study's choice: the best seed of the largest size by validation AP, without FE
   unless an FE run is better; exported to ``models/`` for the committed profile (``runs/<profile>/model``
   otherwise, :func:`model_dir`). ``make reproduce`` runs it at the end of notebook 05.
+  Its second stage (:func:`cmbfe.detect.stage2_fit.train_stage2`) is trained and installed there too
+  (:func:`add_stage2`).
 - :func:`ensure_model`: that exported model, shipped first when it is missing (notebook 09).
 - :func:`export_run`: any run exported with its val/test splits evaluated here (cached predictions,
   :func:`cmbfe.study.runs.gt_and_detections`).
@@ -71,9 +73,29 @@ def ship_model(cfg: C.Config, pre: str | Path, out: str | Path | None = None, *,
             + ("; FE only if it wins" if fe else ""))
     sel = {"text": text, "candidates": [{k: v for k, v in c.items() if k != "path"} for c in cands],
            "by": f"val AP ({cfg.eval.match})"}
-    return export_run(chosen["path"], out or model_dir(cfg), pre=pre, name=cfg.profile, selection=sel,
-                      radius_mm=cfg.eval.radius_mm,
-                      bootstrap=cfg.eval.bootstrap if bootstrap is None else bootstrap, seed=cfg.eval.seed)
+    folder = export_run(chosen["path"], out or model_dir(cfg), pre=pre, name=cfg.profile, selection=sel,
+                        radius_mm=cfg.eval.radius_mm,
+                        bootstrap=cfg.eval.bootstrap if bootstrap is None else bootstrap, seed=cfg.eval.seed)
+    return add_stage2(cfg, folder, pre)
+
+
+def add_stage2(cfg: C.Config, folder: str | Path, pre: str | Path) -> Path:
+    """Train the second stage of the exported detector in ``folder`` on the profile's synthetic cohort
+    (``cfg.raw_path()``, the split of ``pre``; seed ``train.seed``) and install it there with its model card
+    section (:func:`cmbfe.detect.stage2_fit.install`). A cohort too small to train it on (no positive or
+    no validation candidate) leaves the detector alone, with a printed note."""
+    from cmbfe.detect.detector import load_detector
+    from cmbfe.detect.stage2_fit import install, train_stage2
+
+    det = load_detector(folder)
+    try:
+        state, meta = train_stage2(det, cfg.raw_path(), pre, seed=cfg.train.seed,
+                                   cache=cfg.runs_path() / "stage2_cache")
+    except ValueError as e:  # e.g. a tiny cohort without a candidate near a true CMB: the detector alone
+        print(f"ship: no second stage for {folder} ({e}); cmbfe detect uses the detector alone")
+        return Path(folder)
+    install(folder, state, meta)
+    return Path(folder)
 
 
 def ensure_model(cfg: C.Config, pre: str | Path) -> Path:
