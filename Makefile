@@ -9,7 +9,7 @@ PROFILE ?= default
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.cmbfe-installed
 
-.PHONY: install reproduce test test-fast lint clean-smoke gpu-check lab
+.PHONY: install reproduce test test-fast lint clean-smoke gpu-check lab ship
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,11 @@ install: $(STAMP)
 
 reproduce: $(STAMP)
 	$(VENV)/bin/cmbfe reproduce --profile $(PROFILE) $(if $(ONLY),--only $(ONLY)) $(if $(FORCE),--force)
+
+# Re-export models/ from the default study's runs (train them first: make reproduce) with a new second stage.
+ship: $(STAMP)
+	$(PY) -c "from cmbfe import config, study; from cmbfe.study import ship; c = config.load('$(PROFILE)'); \
+	print(ship.ship_model(c, study.ensure_data(c)))"
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

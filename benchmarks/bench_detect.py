@@ -105,8 +105,8 @@ def main() -> int:
                 print(f"  {size}^2 x {r['scan']['shape_kji'][0]}: {r['counts']['cmbs']} lesions, "
                       f"{r['counts']['slice_detections_kept']} kept slice detections, "
                       f"{r['counts']['slices_inferred']} slices searched; model: {what}")
-    lines = [f"cmbfe detect wall time per stage (s); torch {torch.__version__}, {args.threads} torch thread(s), "
-             f"{os.cpu_count()} cores; model: {what}", "",
+    lines = [(f"cmbfe detect wall time per stage (s); torch {torch.__version__}, {args.threads} torch thread(s), "
+             f"{os.cpu_count()} cores; model: {what}"), "",
              "| scan | " + " | ".join(STAGES) + " | end to end | target |", "|---|" + "---|" * (len(STAGES) + 2)]
     for size, r, t, wall in rows:
         nz = r["scan"]["shape_kji"][0]

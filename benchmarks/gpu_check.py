@@ -61,7 +61,7 @@ from bench_fe_overhead import synthetic_batch  # this folder
 from cmbfe import config as C
 from cmbfe.models import build_model
 from cmbfe.study import paper
-from cmbfe.train import train_step, build_optimizer, step_time
+from cmbfe.train import build_optimizer, step_time, train_step
 from cmbfe.utils import atomic_write_text
 
 REPO = Path(__file__).resolve().parent.parent

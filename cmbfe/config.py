@@ -242,6 +242,7 @@ class StudyConfig:
     fe_arms: tuple[FEArm, ...] = ()
     fe_arm_seeds: dict[str, int] = field(default_factory=dict)  # arm -> first n of seeds (default: all)
     reduced: str = ""  # what this profile reduces relative to the paper (printed in captions)
+    ship: bool = True  # 05 exports the best run (+ its second stage) to the profile's model folder
     # overrides (``section.key: value``) for the cross-validation, Table 3 and ablation runs, e.g. a cheaper
     # resolution on CPU; listed in ``reduced``
     secondary: dict[str, Any] = field(default_factory=dict)

@@ -199,11 +199,13 @@ mim
 #
 # The best seed of the largest size by validation AP (SSD-FE only if it beats every SSD) is exported with
 # its operating threshold (the highest reaching 90 % **3D lesion** sensitivity on the validation split,
-# centre rule), its test-split metrics and its model card: to `models/` for the default profile (committed),
-# to `runs/<profile>/model` otherwise. Notebook 09 runs it on a held-out patient.
+# centre rule), its test-split metrics and its model card, and its second stage is trained on the train split's
+# candidates (`cmbfe.detect.stage2_fit`): to `models/` for the default profile (committed), to
+# `runs/<profile>/model` otherwise. With `study.ship: false` the model folder is left as it is (it is then a
+# released model with its own card, rebuilt on its own by `make ship`). Notebook 09 runs it on held-out patients.
 
 # %%
 from cmbfe.study import ship
 
-shipped = ship.ship_model(cfg, pre)
+shipped = ship.ship_model(cfg, pre) if cfg.study.ship else ship.ensure_model(cfg, pre)
 print((shipped / "README.md").read_text())

@@ -40,12 +40,7 @@ FAST = ["preprocess.n4_iterations=[5,5]", "preprocess.n4_shrink=2", "model.size=
 NAME = "Doe^Jane"  # written into PatientName/PatientID; must never reach an output
 
 
-@pytest.fixture(autouse=True)
-def one_thread(monkeypatch):
-    monkeypatch.setenv("CMBFE_THREADS", "1")
-    before = torch.get_num_threads()
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 # ------------------------------------------------------------------------------------------ fixtures

@@ -24,12 +24,7 @@ def pre(tmp_path_factory):
     return make_pre(tmp_path_factory.mktemp("pre"))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.mark.parametrize("placement, variant, cancelled",

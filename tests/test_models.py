@@ -457,9 +457,10 @@ def test_heads_keep_only_the_finest_maps_and_build_no_deeper_block(backbone, siz
 def test_heads_3_on_the_default_profile_fits_cmbs():
     """SSD-512 built for 128-px windows with 'cmb' priors: maps 64/32/16 px, priors 3.75/7.5/15/15 mm; without
     heads the deeper two maps (14 and 13 px on a whole slice) carry 17-31 mm priors."""
-    cfg = C.load("default")
-    full = build_model(cfg.model, cfg.fe).describe()
+    cfg = C.load("default")  # heads 3 since issue #17
+    full = build_model(C.with_overrides(cfg, {"model.heads": 0}).model, cfg.fe).describe()
     cut = build_model(C.with_overrides(cfg, {"model.heads": 3}).model, cfg.fe).describe()
+    assert cfg.model.heads == 3
     assert [f["size"][0] for f in cut["feature_maps"]] == [64, 32, 16]
     assert [round(s * FOV_MM, 2) for s in cut["scales"]] == [3.75, 7.5, 15.0, 15.0]
     assert [f["size"][0] for f in full["feature_maps"]][:3] == [64, 32, 16] and len(full["feature_maps"]) == 5

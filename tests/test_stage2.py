@@ -17,14 +17,7 @@ from cmbfe.detect.lesion_metrics import match_centres, valdo_metrics
 from cmbfe.detect.outputs import label_image
 from cmbfe.detect.stage2_fit import Candidates, choose_operating_points
 
-
-@pytest.fixture(autouse=True)
-def one_thread(monkeypatch):
-    monkeypatch.setenv("CMBFE_THREADS", "1")
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 # ------------------------------------------------------------------------------------------ defect 2

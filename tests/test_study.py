@@ -31,7 +31,8 @@ THEN = {"fe.placement": "post_l2norm"}
 # and the default profile's training recipe of that commit (issue #9 changed the profile)
 THEN_PROFILE = {"default": {"model.train_crop": 256, "train.iterations": 400, "train.schedule": "step",
                             "train.warmup": 0, "train.grad_clip": 0.0, "train.val_every": -1,
-                            "train.cosine_end": 1.0, "train.lr_min": 0.0, "model.max_box_mm": 0.0}}
+                            "train.cosine_end": 1.0, "train.lr_min": 0.0, "model.max_box_mm": 0.0,
+                            "model.heads": 0, "train.val_subset": 0}}  # and issue #17's
 PINNED = [
     ("smoke", "42dff1ecd035", {"size": 128, "fe": False, "seed": 0}, {}, "de2679faeb15"),
     ("smoke", "42dff1ecd035", {"size": 128, "fe": True, "seed": 0}, {}, "c133ec38ed29"),
@@ -78,7 +79,7 @@ def test_grids_and_tags():
     c = study.grid_config(cfg, size=256, fe=True, seed=2,
                           overrides={"model.priors": "paper", "model.train_crop": 0})
     assert (c.model.size, c.fe.enabled, c.train.seed, c.model.priors) == (256, True, 2, "paper")
-    assert study.run_tag(c) == "vgg16-256-paper-gray3-fe-pre_l2norm-constant-s2"
+    assert study.run_tag(c) == "vgg16-256-paper-h3-gray3-fe-pre_l2norm-constant-s2"  # heads 3: the default's
     assert study.grid_config(cfg) is cfg  # nothing to apply
     with pytest.raises(config.ConfigError, match="model.size"):
         study.grid_config(cfg, size=64)

@@ -33,14 +33,7 @@ def pre(tmp_path_factory):
     return make_pre(tmp_path_factory.mktemp("pre"))
 
 
-@pytest.fixture(autouse=True)
-def one_thread(monkeypatch):
-    """One intra-op thread: tiny convs run faster than with 2 contending threads, and results are stable."""
-    monkeypatch.setenv("CMBFE_THREADS", "1")
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _rows(path):
