@@ -33,7 +33,7 @@ from cmbfe import stats
 from cmbfe.boxes import xywh_to_xyxy
 from cmbfe.config import MatchRule, load
 from cmbfe.errors import InputError
-from cmbfe.utils import atomic_write_json, atomic_write_text
+from cmbfe.utils import atomic_write_json, atomic_write_text, json_safe
 
 
 def _read_json(path: Path) -> Any:
@@ -283,18 +283,6 @@ def _slice_mm(gt_obj: Any) -> float | None:
     return float(np.median(vals)) if vals else None
 
 
-def _nan_to_none(x: Any) -> Any:
-    if isinstance(x, dict):
-        return {k: _nan_to_none(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_nan_to_none(v) for v in x]
-    if isinstance(x, (float, np.floating)):
-        return None if not math.isfinite(x) else float(x)
-    if isinstance(x, np.integer):
-        return int(x)
-    return x
-
-
 def _csv(header: list[str], cols: list[np.ndarray]) -> str:
     """CSV text: integer columns as integers, floats with 10 significant digits (nan as ``nan``)."""
     fmt = ",".join("%d" if np.issubdtype(np.asarray(c).dtype, np.integer) else "%.10g" for c in cols)
@@ -312,7 +300,7 @@ def write_outputs(result: dict[str, Any], out: Path) -> list[Path]:
                                [c.threshold, c.tp, c.fp, c.sensitivity, c.precision, c.precision_interp]))
     atomic_write_text(fr, _csv(["score", "tp", "fp", "fp_per_scan", "fp_per_slice", "sensitivity"],
                                [c.threshold, c.tp, c.fp, c.fp_per_scan, c.fp_per_slice, c.sensitivity]))
-    atomic_write_json(out, _nan_to_none(result["metrics"]))
+    atomic_write_json(out, json_safe(result["metrics"]))
     return [out, pr, fr]
 
 

@@ -21,19 +21,17 @@ A training run folder (:func:`cmbfe.train.fit`) is a model folder with the first
 from __future__ import annotations
 
 import json
-import math
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from cmbfe import config as C
 from cmbfe.errors import InputError
-from cmbfe.utils import atomic_path, atomic_write_json, atomic_write_text
+from cmbfe.utils import atomic_path, atomic_write_json, atomic_write_text, json_safe
 
 WEIGHTS = "model.pt"
 CONFIG = "config.yaml"
@@ -148,19 +146,6 @@ def write(out: str | Path, *, weights: str | Path, config: str | Path, meta: dic
         atomic_write_json(tmp / META, json_safe(meta))
         atomic_write_text(tmp / CARD, card)
     return out
-
-
-def json_safe(x: Any) -> Any:
-    """``x`` with NaN/inf -> None and numpy scalars -> Python (dicts, lists and tuples recursively)."""
-    if isinstance(x, dict):
-        return {k: json_safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [json_safe(v) for v in x]
-    if isinstance(x, (float, np.floating)):
-        return float(x) if math.isfinite(x) else None
-    if isinstance(x, np.integer):
-        return int(x)
-    return x
 
 
 def write_stage2(folder: str | Path, state: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
+import math
 import os
 import random
 import shutil
@@ -129,3 +130,16 @@ class CSVLogger:
 
     def close(self) -> None:
         self._f.close()
+
+
+def json_safe(x: Any) -> Any:
+    """``x`` with NaN/inf -> None and numpy scalars -> Python (dicts, lists and tuples recursively)."""
+    if isinstance(x, dict):
+        return {k: json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [json_safe(v) for v in x]
+    if isinstance(x, (float, np.floating)):
+        return float(x) if math.isfinite(x) else None
+    if isinstance(x, np.integer):
+        return int(x)
+    return x

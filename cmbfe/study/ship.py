@@ -21,6 +21,7 @@ from cmbfe import modelfolder
 from cmbfe.detect.export import Split, export_model
 from cmbfe.runtime import apply_thread_env
 from cmbfe.study.runs import ensure_run, evaluate_run, grid_config, gt_and_detections, main_grid
+from cmbfe.utils import json_safe
 
 
 def model_dir(cfg: C.Config) -> Path:
@@ -58,7 +59,7 @@ def ship_model(cfg: C.Config, pre: str | Path, out: str | Path | None = None, *,
         run = ensure_run(grid_config(cfg, **g))
         ap = evaluate_run(cfg, run, pre, split="val", bootstrap=0)["metrics"]["ap_voc"]
         rel = run.relative_to(C.REPO_ROOT) if run.is_relative_to(C.REPO_ROOT) else run
-        cands.append({"run": str(rel), "fe": g["fe"], "seed": g["seed"], "val_ap": modelfolder.json_safe(ap),
+        cands.append({"run": str(rel), "fe": g["fe"], "seed": g["seed"], "val_ap": json_safe(ap),
                       "path": run})
     key = [(c["val_ap"] if c["val_ap"] is not None else -1.0) for c in cands]
     plain = [i for i, c in enumerate(cands) if not c["fe"]]
